@@ -1,0 +1,222 @@
+"""embed / pose / merge_shards on a tiny randomly initialised model and a two-stack, two-optics-group STAR."""
+
+import hashlib
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny_run import BOX, TINY, save_run
+
+from tvae_em import checkpoint, infer
+from tvae_em.errors import InputError, UsageError
+from tvae_em.io.stack import open_particles, write_stack
+from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
+
+N_ROWS = 25
+APIX = (1.5, 2.0)  # per optics group: rows 0-14 in a.mrcs (group 1), rows 15-24 in b.mrcs (group 2)
+BATCH = 4  # divides the shard boundaries used below, so sharded and unsharded runs see the same batches
+
+
+def write_dataset(folder):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(N_ROWS, BOX, BOX)).astype(np.float32)
+    write_stack(folder / "a.mrcs", images[:15], APIX[0])
+    write_stack(folder / "b.mrcs", images[15:], APIX[1])
+    optics = pd.DataFrame({"rlnOpticsGroup": [1, 2], "rlnOpticsGroupName": ["g1", "g2"],
+                           "rlnImagePixelSize": list(APIX), "rlnImageSize": [BOX, BOX],
+                           "rlnImageDimensionality": [2, 2], "rlnVoltage": [300.0, 200.0]})
+    names = [f"{i:06d}@a.mrcs" for i in range(1, 16)] + [f"{i:06d}@b.mrcs" for i in range(1, 11)]
+    particles = pd.DataFrame({"rlnImageName": names, "rlnAnglePsi": np.full(N_ROWS, 12.5),
+                              "rlnOpticsGroup": [1] * 15 + [2] * 10, "rlnOriginXAngst": np.full(N_ROWS, 0.25),
+                              "rlnOriginYAngst": np.full(N_ROWS, -0.5),
+                              "rlnDefocusU": rng.uniform(1e4, 2e4, N_ROWS),
+                              "rlnMicrographName": ["m 1.mrc"] * N_ROWS})
+    star = folder / "particles.star"
+    write_star(star, new_relion31_star(optics, particles))
+    return star, images
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("infer")
+    star, images = write_dataset(folder)
+    run_dir = save_run(folder / "run")
+    model, _ = checkpoint.load_model(run_dir)
+    return {"folder": folder, "star": star, "images": images, "run": run_dir, "model": model,
+            "encoded": model.encode(torch.from_numpy(images))}
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_input_columns_kept(input_star, output_star, replaced=()):
+    before, after = read_star(input_star), read_star(output_star)
+    assert list(before.blocks) == list(after.blocks)
+    for name in before.blocks:
+        for label in before[name].columns:
+            if label not in replaced:
+                assert after[name][label].tolist() == before[name][label].tolist(), (name, label)
+        assert list(after[name].columns[:len(before[name].columns)]) == list(before[name].columns)
+
+
+class CountingParticles:
+    """Wraps Particles and records the largest batch read, to check the streaming bound."""
+
+    def __init__(self, particles):
+        self.inner, self.largest = particles, 0
+        self.box, self.pixel_size = particles.box, particles.pixel_size
+
+    def __len__(self):
+        return len(self.inner)
+
+    def read(self, indices):
+        self.largest = max(self.largest, len(indices))
+        return self.inner.read(indices)
+
+
+def test_encode_particles_streams_batches_and_matches_model(data):
+    particles = CountingParticles(open_particles(data["star"]))
+    result = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu")
+    assert particles.largest == BATCH
+    expected = data["encoded"]
+    for name in infer.ENCODED_FIELDS:
+        np.testing.assert_allclose(result[name], getattr(expected, name).numpy(), rtol=1e-5, atol=1e-6)
+    subset = np.array([24, 3, 7])
+    picked = infer.encode_particles(data["model"], particles, batch_size=2, device="cpu", indices=subset)
+    np.testing.assert_allclose(picked["z_mu"], expected.z_mu.numpy()[subset], rtol=1e-5, atol=1e-6)
+    assert picked["rotation_mass"].shape == (3, TINY["rotations"])
+
+
+def test_embed_writes_star_npz_and_figure(data, tmp_path, capsys):
+    out = infer.embed(data["run"], data["star"], tmp_path / "embedded.star", clusters=3, batch_size=BATCH,
+                      device="cpu")
+    assert capsys.readouterr().out == ""
+    assert_input_columns_kept(data["star"], out)
+    star = read_star(out)
+    z = np.column_stack([numeric_column(star, "particles", f"tvaeZ0{k}") for k in (1, 2)])
+    z_std = np.column_stack([numeric_column(star, "particles", f"tvaeZStd0{k}") for k in (1, 2)])
+    np.testing.assert_allclose(z, data["encoded"].z_mu.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z_std, data["encoded"].z_std.numpy(), rtol=1e-5, atol=1e-6)
+    labels = numeric_column(star, "particles", "tvaeCluster").astype(int)
+    assert sorted(set(labels)) == [1, 2, 3]
+    sizes = np.bincount(labels)[1:]
+    assert list(sizes) == sorted(sizes, reverse=True)
+    with np.load(tmp_path / "embedded_embedding.npz") as saved:
+        np.testing.assert_array_equal(saved["z_mu"], z.astype(np.float32))
+        np.testing.assert_array_equal(saved["rows"], np.arange(N_ROWS))
+        np.testing.assert_array_equal(saved["cluster"], labels)
+        np.testing.assert_allclose(saved["cluster_centers"][0], z[labels == 1].mean(0), rtol=1e-5)
+    assert matplotlib.image.imread(tmp_path / "embedded_latent.png").ndim == 3
+
+
+def test_embed_in_shards_then_merge_equals_unsharded(data, tmp_path):
+    whole = infer.embed(data["run"], data["star"], tmp_path / "whole.star", clusters=2, method="kmeans",
+                        batch_size=BATCH, device="cpu")
+    parts = [infer.embed(data["run"], data["star"], tmp_path / "merged.star", clusters=2, method="kmeans",
+                         shard=(i, 2), batch_size=BATCH, device="cpu") for i in (1, 0)]
+    assert [p.name for p in parts] == ["merged.shard1of2.npz", "merged.shard0of2.npz"]
+    assert not (tmp_path / "merged.star").exists()
+    merged = infer.merge_shards(parts, tmp_path / "merged.star")
+    assert merged.read_bytes() == whole.read_bytes()
+    with np.load(tmp_path / "whole_embedding.npz") as a, np.load(tmp_path / "merged_embedding.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_pose_writes_relion_convention(data, tmp_path):
+    before = sha256(data["star"])
+    out = infer.pose(data["run"], data["star"], tmp_path / "posed.star", batch_size=BATCH, device="cpu")
+    assert sha256(data["star"]) == before
+    assert_input_columns_kept(data["star"], out, replaced=infer.POSE_COLUMNS[:3])
+    star = read_star(out)
+    col = lambda label: numeric_column(star, "particles", label)  # noqa: E731
+    theta = data["encoded"].theta.double().numpy()
+    t_px = data["encoded"].t.double().numpy() * (BOX / 2)
+    apix = np.array([APIX[0]] * 15 + [APIX[1]] * 10)
+    psi_error = np.remainder(col("rlnAnglePsi") - np.degrees(theta) + 180, 360) - 180
+    np.testing.assert_allclose(psi_error, 0, atol=1e-3)
+    assert np.all((col("rlnAnglePsi") > -180) & (col("rlnAnglePsi") <= 180))
+    np.testing.assert_allclose(col("rlnOriginXAngst"), -t_px[:, 0] * apix, atol=1e-5)
+    np.testing.assert_allclose(col("rlnOriginYAngst"), -t_px[:, 1] * apix, atol=1e-5)
+    np.testing.assert_allclose(col("tvaePoseEntropy"), data["encoded"].entropy.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(col("tvaePoseMaxProb"), data["encoded"].max_prob.numpy(), rtol=1e-5)
+    mass = data["encoded"].rotation_mass.numpy()
+    np.testing.assert_allclose(col("tvaeRotationMassTop"), mass.max(1), rtol=1e-5)
+    np.testing.assert_array_equal(col("tvaeSymmetryHint"), infer.symmetry_hint(mass))
+    assert star["particles"]["rlnMicrographName"].iloc[0] == "m 1.mrc"
+    assert matplotlib.image.imread(tmp_path / "posed_poses.png").ndim == 3
+
+
+def test_pose_in_three_shards_then_merge_equals_unsharded(data, tmp_path):
+    whole = infer.pose(data["run"], data["star"], tmp_path / "whole.star", batch_size=BATCH, device="cpu")
+    parts = [infer.pose(data["run"], data["star"], tmp_path / "merged.star", shard=(i, 3), batch_size=BATCH,
+                        device="cpu") for i in range(3)]
+    assert [len(infer.Results.load(p).rows) for p in parts] == [8, 8, 9]
+    assert infer.merge_shards(parts, tmp_path / "merged.star").read_bytes() == whole.read_bytes()
+
+
+def test_merge_refuses_incomplete_repeated_or_foreign_shards(data, tmp_path):
+    star = tmp_path / "copy.star"
+    star.write_bytes(data["star"].read_bytes())
+    for name in ("a.mrcs", "b.mrcs"):
+        (tmp_path / name).write_bytes((data["folder"] / name).read_bytes())
+    def run(fn, i, out="out.star", **options):
+        return fn(data["run"], star, tmp_path / out, shard=(i, 2), batch_size=BATCH, device="cpu", **options)
+
+    first, second = run(infer.embed, 0), run(infer.embed, 1)
+    with pytest.raises(InputError, match="in none of the 1 shards"):
+        infer.merge_shards([first], tmp_path / "merged.star")
+    with pytest.raises(InputError, match="more than once"):
+        infer.merge_shards([first, first, second], tmp_path / "merged.star")
+    other = run(infer.embed, 1, out="other.star", clusters=2)
+    with pytest.raises(InputError, match="differs in clusters"):
+        infer.merge_shards([first, other], tmp_path / "merged.star")
+    with pytest.raises(InputError, match="a shard of 'pose'"):
+        infer.merge_shards([first, run(infer.pose, 1, out="posed.star")], tmp_path / "merged.star")
+    star.write_bytes(star.read_bytes() + b"\n")
+    with pytest.raises(InputError, match="changed since the shards"):
+        infer.merge_shards([first, second], tmp_path / "merged.star")
+    assert not (tmp_path / "merged.star").exists()
+
+
+def test_refuses_overwriting_input_and_wrong_box(data, tmp_path):
+    with pytest.raises(UsageError, match="is also an input"):
+        infer.pose(data["run"], data["star"], data["star"], device="cpu")
+    other = save_run(tmp_path / "run24", image_size=24)
+    with pytest.raises(UsageError, match="trained on 24 px"):
+        infer.embed(other, data["star"], tmp_path / "out.star", device="cpu")
+
+
+def test_shard_rows_are_contiguous_and_cover_every_row():
+    blocks = [infer.shard_rows(10, (i, 3)) for i in range(3)]
+    assert [b.tolist() for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    np.testing.assert_array_equal(infer.shard_rows(10), np.arange(10))
+    assert infer.parse_shard("2/4") == (2, 4)
+    for bad in ("4/4", "1", "a/b", "-1/3", "0/0"):
+        with pytest.raises(UsageError):
+            infer.parse_shard(bad)
+
+
+def test_symmetry_hint_recognises_cyclic_patterns():
+    r = 12
+    one_hot = np.eye(r)[[5]]
+    two_fold = (np.eye(r)[1] + np.eye(r)[7])[None] / 2
+    three_fold = (np.eye(r)[[2, 6, 10]].sum(0) * 0.3 + 0.1 / r)[None]  # plus a little uniform background
+    between_bins = (0.6 * np.eye(r)[3] + 0.4 * np.eye(r)[4])[None]  # C1 object between two rotation bins
+    uniform = np.full((1, r), 1 / r)
+    masses = np.concatenate([one_hot, two_fold, three_fold, between_bins, uniform])
+    assert infer.symmetry_hint(masses).tolist() == [1, 2, 3, 1, 12]
+
+
+def test_large_ward_fits_a_subsample_and_assigns_the_rest(monkeypatch):
+    monkeypatch.setattr(infer, "WARD_MAX_POINTS", 60)
+    rng = np.random.default_rng(1)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = np.repeat([0, 1, 2], [200, 120, 80])
+    z = centres[truth] + rng.normal(scale=0.5, size=(len(truth), 2))
+    labels = infer.cluster_latents(z, 3, method="ward", seed=0)
+    assert labels.tolist() == (truth + 1).tolist()  # biggest blob is cluster 1

@@ -1,0 +1,182 @@
+"""The model of paper section 3: equivariance, closed-form KL, gradients, and that it can learn."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from tvae_em.model import ModelConfig, TargetVAE, posterior
+from tvae_em.model.encoder import GroupConvEncoder
+from tvae_em.model.generator import SpatialGenerator, pixel_coordinates, transform_coordinates
+
+torch.set_num_threads(1)
+
+
+def _blob_image(n, seed):
+    """A random smooth asymmetric object in the middle of an n x n box, zero near the border."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((n, n))
+    q = n // 4
+    img[q:n - q, q:n - q] = rng.random((n - 2 * q, n - 2 * q))
+    return torch.from_numpy(ndimage.gaussian_filter(img, 1.0)).float()[None, None]
+
+
+@pytest.mark.parametrize("rotations", [4, 8, 16])
+def test_encoder_rotating_input_by_90_degrees_rotates_map_and_shifts_rotation_axis(rotations):
+    torch.manual_seed(rotations)
+    enc = GroupConvEncoder(rotations, z_dim=2, fields=3, kernel=7, padding=2).eval()
+    image = _blob_image(17, rotations)
+    out, out_rot = enc(image), enc(torch.rot90(image, 1, dims=(-2, -1)))
+    for name in ("logits", "theta_mu", "z_mu"):
+        before, after = getattr(out, name), getattr(out_rot, name)
+        expected = torch.rot90(torch.roll(before, rotations // 4, dims=-3), 1, dims=(-2, -1))
+        rel = (expected - after).abs().max() / after.abs().max()
+        assert rel < 1e-3, (name, rel.item())  # float32
+
+
+def test_encoder_shifting_input_shifts_map():
+    torch.manual_seed(0)
+    enc = GroupConvEncoder(8, z_dim=2, fields=3, kernel=7, padding=3).eval()
+    image = torch.zeros(1, 1, 32, 32)
+    image[..., 8:24, 8:24] = _blob_image(16, 3)[..., :, :]
+    shifted = torch.roll(image, shifts=(3, -2), dims=(-2, -1))
+    before, after = enc(image).logits, enc(shifted).logits
+    # cells whose receptive field sees the same content in both images
+    assert torch.allclose(after[..., 6:26, 4:24], before[..., 3:23, 6:26], atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_most_probable_z_invariant_and_pose_equivariant_under_rotation():
+    torch.manual_seed(1)
+    cfg = ModelConfig(image_size=21, rotations=8, z_dim=3, encoder_fields=4, encoder_kernel=9,
+                      encoder_padding=4, generator_width=16, fourier_features=8)
+    model = TargetVAE(cfg).eval()
+    image = _blob_image(21, 5)
+    est, est_rot = model.encode(image), model.encode(torch.rot90(image, 1, dims=(-2, -1)))
+    assert torch.allclose(est.z_mu, est_rot.z_mu, atol=1e-4)
+    assert torch.allclose(est.entropy, est_rot.entropy, atol=1e-4)
+    assert math.isclose(float((est_rot.theta - est.theta) % (2 * math.pi)), math.pi / 2, abs_tol=1e-5)
+    # I'(x) = I(R(pi/2) x) has its object centre at t' = R(-pi/2) t = (t_y, -t_x); the grid centre is the
+    # box's (N-1)/2 pixel, so compare positions relative to it.
+    centre = model.grid[10, 10]
+    t, t_rot = est.t[0] - centre, est_rot.t[0] - centre
+    assert torch.allclose(t_rot, torch.stack([t[1], -t[0]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("angle,shift,tolerance", [
+    (math.pi / 2, (0.125, -0.25), 1e-4),  # on the pixel grid (3 and -6 px): exact
+    (0.7, (0.12, -0.08), 0.15),  # off the grid: bilinear resampling error only
+])
+def test_generator_is_equivariant_to_rotation_and_translation_of_coordinates(angle, shift, tolerance):
+    torch.manual_seed(0)
+    n = 48
+    gen = SpatialGenerator(z_dim=2, width=32, depth=2, fourier_features=16, fourier_scale=0.7)
+    z = torch.randn(1, 2)
+    coords = pixel_coordinates(n)
+    with torch.no_grad():
+        canonical = gen(transform_coordinates(coords, torch.zeros(1), torch.zeros(1, 2)), z).view(n, n).numpy()
+        posed = gen(transform_coordinates(coords, torch.tensor([angle]), torch.tensor([shift])), z).view(n, n)
+    # resample the canonical image at R(theta)(x - t), in pixels
+    rows, cols = np.mgrid[0:n, 0:n]
+    x, y = cols - n // 2 - shift[0] * n / 2, rows - n // 2 - shift[1] * n / 2
+    c, s = math.cos(angle), math.sin(angle)
+    sampled = ndimage.map_coordinates(canonical, [s * x + c * y + n // 2, c * x - s * y + n // 2], order=1)
+    inner = (slice(12, 36), slice(12, 36))
+    spread = canonical.std()
+    assert np.abs(sampled[inner] - posed.numpy()[inner]).max() < tolerance * spread
+    assert np.abs(sampled[inner] - canonical[inner]).max() > 0.5 * spread  # the pose does change the image
+
+
+def _random_encoder_output(b=2, r=4, m=3, z=2, subpixel=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
+    return posterior.EncoderOutput(
+        logits=rnd(b, r, m, m), theta_mu=rnd(b, r, m, m, scale=0.3), theta_logstd=rnd(b, r, m, m, scale=0.3) - 1,
+        z_mu=rnd(b, z, r, m, m), z_logstd=rnd(b, z, r, m, m, scale=0.3) - 0.5,
+        shift_mu=rnd(b, 2, r, m, m, scale=0.05) if subpixel else None,
+        shift_logstd=rnd(b, r, m, m, scale=0.2) - 3 if subpixel else None)
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    r, m, n_img = 4, 3, 9
+    enc = _random_encoder_output(r=r, m=m)
+    priors = posterior.Priors(rotations=r, translation_std_px=2.0, shift_std_px=0.5)
+    grid = GroupConvEncoder(r, 2, fields=1, kernel=7, padding=0).grid(n_img)
+    log_q, log_p = posterior.log_q_tr(enc), posterior.log_prior_tr(priors, grid, n_img)
+    closed = posterior.kl_divergence(enc, log_q, log_p, priors, n_img).total
+
+    # Monte Carlo over the factorisation of eq. 3, independent of the closed form
+    g = torch.Generator().manual_seed(1)
+    samples = 200_000
+    offsets = posterior.rotation_offsets(r)[None, :, None, None]
+    normal = torch.distributions.Normal
+    shift_mu = posterior.rotate_shift(enc.shift_mu)
+    shift_std_model = 0.5 / (n_img / 2)
+    for i in range(2):
+        cell = torch.multinomial(log_q[i].exp().flatten(), samples, replacement=True, generator=g)
+        pick = lambda x, cell=cell: x.flatten(-3)[..., cell]  # noqa: E731
+        q_theta = normal(pick(enc.theta_mu[i] + offsets[0]), pick(enc.theta_logstd[i]).exp())
+        q_z = normal(pick(enc.z_mu[i]), pick(enc.z_logstd[i]).exp())
+        q_dt = normal(pick(shift_mu[i]), pick(enc.shift_logstd[i]).exp())
+        theta, z, dt = q_theta.sample(), q_z.sample(), q_dt.sample()
+        log_ratio = (pick(log_q[i]) - pick(log_p)
+                     + q_theta.log_prob(theta) - normal(pick(offsets[0].expand(r, m, m)), math.pi / r).log_prob(theta)
+                     + (q_z.log_prob(z) - normal(0.0, 1.0).log_prob(z)).sum(0)
+                     + (q_dt.log_prob(dt) - normal(0.0, shift_std_model).log_prob(dt)).sum(0))
+        mc = log_ratio.mean().item()
+        assert abs(mc - closed[i].item()) < 0.02 * closed[i].item(), (mc, closed[i].item())
+
+
+def test_rotation_prior_normal_prefers_small_angles():
+    priors = posterior.Priors(rotations=8, rotation_prior="normal")
+    grid = torch.zeros(1, 1, 2)
+    log_p = posterior.log_prior_tr(priors, grid, 10)[:, 0, 0]
+    assert torch.isclose(log_p.exp().sum(), torch.tensor(1.0))
+    assert log_p[0] > log_p[1] > log_p[2] and torch.isclose(log_p[1], log_p[7])
+
+
+def _tiny_model(subpixel=False, likelihood="bernoulli"):
+    cfg = ModelConfig(image_size=20, rotations=4, z_dim=2, encoder_fields=4, encoder_kernel=9,
+                      encoder_padding=2, generator_width=32, fourier_features=16, fourier_scale=1.0,
+                      subpixel=subpixel, likelihood=likelihood, translation_prior_std=3.0)
+    return TargetVAE(cfg)
+
+
+@pytest.mark.parametrize("subpixel,likelihood", [(False, "bernoulli"), (True, "gaussian")])
+def test_gradients_reach_every_parameter(subpixel, likelihood):
+    torch.manual_seed(0)
+    model = _tiny_model(subpixel, likelihood)
+    model.elbo(torch.rand(3, 20, 20)).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing
+
+
+def test_single_batch_can_be_overfit():
+    torch.manual_seed(0)
+    model = _tiny_model()
+    images = (_blob_image(20, 0)[0, 0] > 0.3).float().expand(4, 20, 20).clone()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(300):
+        loss = model.elbo(images, generator=g).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) / 4, (losses[:3], losses[-3:])
+
+
+def test_encoder_export_gives_identical_outputs():
+    torch.manual_seed(0)
+    model = _tiny_model(subpixel=True).eval()
+    images = torch.rand(3, 20, 20)
+    before = model.encode(images)
+    model.encoder.export()
+    after = model.encode(images)
+    for name in ("z_mu", "theta", "t", "entropy"):
+        assert torch.allclose(getattr(before, name), getattr(after, name), atol=1e-5)
+    model.train()
+    assert model.encoder._exported is None

@@ -1,0 +1,404 @@
+"""Training loop: outputs, checkpoints, exact resume, divergence, refusals, signals and torchrun (Gloo)."""
+
+import csv
+import dataclasses
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tvae_em import __version__
+from tvae_em import checkpoint as ckpt
+from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
+from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.train import (
+    LOG_COLUMNS,
+    Interrupted,
+    TrainConfig,
+    TrainingDiverged,
+    _Trainer,
+    make_split,
+    train,
+    train_from_star,
+)
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(image_size=24, encoder_fields=4, encoder_kernel=9, generator_width=32, fourier_features=16)
+N_PARTICLES = 40  # 30 training particles in 4 batches of 8, 10 for validation
+
+
+class ArrayParticles:
+    """In-memory stand-in for tvae_em.io.stack.Particles: len() and read(sorted indices), logging reads."""
+
+    def __init__(self, images: np.ndarray, delay_s: float = 0.0):
+        self.images, self.delay_s, self.reads = images, delay_s, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        assert np.all(np.diff(indices) > 0), "reads must ask for sorted, distinct indices"
+        self.reads.append(np.array(indices))
+        time.sleep(self.delay_s)
+        return self.images[indices]
+
+
+def blobs(n: int = N_PARTICLES, size: int = 24, seed: int = 0) -> np.ndarray:
+    """Elongated Gaussian blobs at random positions and angles, values in [0, 1] (bernoulli-compatible)."""
+    rng = np.random.default_rng(seed)
+    coords = np.arange(size) - size // 2
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    images = np.empty((n, size, size), np.float32)
+    for i in range(n):
+        angle, (dx, dy) = rng.uniform(0, np.pi), rng.uniform(-3, 3, 2)
+        u = (x - dx) * np.cos(angle) + (y - dy) * np.sin(angle)
+        v = -(x - dx) * np.sin(angle) + (y - dy) * np.cos(angle)
+        images[i] = np.exp(-(u / 5) ** 2 - (v / 2) ** 2)
+    return images
+
+
+def tiny_train_config(**changes) -> TrainConfig:
+    return TrainConfig(**{**dict(batch_size=8, epochs=2, val_fraction=0.25, num_workers=0, progress=False),
+                          **changes})
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def parameters(state: dict) -> dict:
+    derived = (".filter", ".expanded_bias")  # escnn caches, recomputed from the weights
+    return {name: tensor for name, tensor in state.items() if not name.endswith(derived)}
+
+
+def assert_same_parameters(state_a: dict, state_b: dict) -> None:
+    a, b = parameters(state_a), parameters(state_b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def leftover_temporaries(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if ".part" in p.name]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A complete 2-epoch run shared by the tests that only read it."""
+    run_dir = tmp_path_factory.mktemp("run")
+    particles = ArrayParticles(blobs())
+    result = train(ModelConfig(**MODEL), tiny_train_config(), particles, run_dir)
+    return run_dir, result, particles
+
+
+def test_log_has_one_row_per_epoch_with_consistent_terms(finished_run):
+    run_dir, result, _ = finished_run
+    rows = read_log(run_dir)
+    assert tuple(rows[0].keys()) == LOG_COLUMNS
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    for row in rows:
+        values = {key: float(value) for key, value in row.items()}
+        assert all(math.isfinite(v) for v in values.values())
+        kl = values["kl_tr"] + values["kl_theta"] + values["kl_z"] + values["kl_shift"]
+        assert values["train_elbo"] == pytest.approx(values["reconstruction"] - kl, rel=1e-5)
+        assert values["lr"] == 2e-4 and values["seconds"] > 0
+    assert result.epochs == 2 and result.stop_reason == "max_epochs"
+    assert result.metrics["epoch"] == 2 and result.best_metrics["epoch"] == result.best_epoch
+    assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not leftover_temporaries(run_dir)
+
+
+def test_split_is_recorded_deterministic_and_respected(finished_run):
+    run_dir, _, particles = finished_run
+    split = np.load(run_dir / "split.npz")
+    train_idx, val_idx = split["train"], split["val"]
+    assert len(val_idx) == 10 and len(train_idx) == 30
+    assert np.array_equal(np.union1d(train_idx, val_idx), np.arange(N_PARTICLES))
+    expected = make_split(N_PARTICLES, 0.25, seed=0)
+    assert np.array_equal(train_idx, expected[0]) and np.array_equal(val_idx, expected[1])
+    assert not np.array_equal(make_split(N_PARTICLES, 0.25, seed=1)[1], val_idx)
+    # every read is one batch (memory bounded by the batch) from one side of the split only
+    for indices in particles.reads:
+        assert len(indices) <= 8
+        assert np.isin(indices, train_idx).all() or np.isin(indices, val_idx).all()
+    trained = np.concatenate([r for r in particles.reads if np.isin(r, train_idx).all()])
+    assert np.array_equal(np.sort(trained), np.sort(np.tile(train_idx, 2)))  # each particle once per epoch
+
+
+def test_checkpoint_holds_everything_needed_to_continue(finished_run):
+    run_dir, result, _ = finished_run
+    state = ckpt.read_checkpoint(result.last_checkpoint)
+    assert state["format_version"] == ckpt.FORMAT_VERSION and state["version"] == __version__
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert state["model_config"] == ModelConfig(**MODEL).to_dict()
+    assert state["train_config"] == tiny_train_config().to_dict()
+    assert state["optimizer_state"]["param_groups"][0]["lr"] == 2e-4
+    assert len(state["optimizer_state"]["state"]) == len(list(TargetVAE(ModelConfig(**MODEL)).parameters()))
+    assert state["scheduler_state"]["patience"] == 10 and state["scheduler_state"]["factor"] == 0.5
+    assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert state["n_particles"] == N_PARTICLES
+    best = ckpt.read_checkpoint(result.best_checkpoint)
+    assert best["epoch"] == result.best_epoch
+
+
+def test_load_model_returns_the_best_weights_ready_for_inference(finished_run):
+    run_dir, result, particles = finished_run
+    model, config = ckpt.load_model(run_dir)
+    assert config == ModelConfig(**MODEL) and not model.training
+    best = ckpt.read_checkpoint(result.best_checkpoint)["model_state"]
+    assert_same_parameters(model.state_dict(), best)
+    estimate = model.encode(torch.from_numpy(particles.images[:3]))
+    assert estimate.z_mu.shape == (3, 2) and torch.isfinite(estimate.theta).all()
+
+
+def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, finished_run):
+    uninterrupted, _, _ = finished_run
+    config = ModelConfig(**MODEL)
+    train(config, tiny_train_config(epochs=1), ArrayParticles(blobs()), tmp_path)
+    # resume may change epochs and num_workers (here: read through a worker process) without changing results
+    result = train(None, tiny_train_config(epochs=2, num_workers=1), ArrayParticles(blobs()), tmp_path,
+                   resume=True)
+    assert result.epochs == 2
+    assert_same_parameters(ckpt.read_checkpoint(tmp_path / ckpt.LAST)["model_state"],
+                           ckpt.read_checkpoint(uninterrupted / ckpt.LAST)["model_state"])
+    resumed_log, full_log = read_log(tmp_path), read_log(uninterrupted)
+    for column in ("train_elbo", "val_elbo", "kl_tr", "lr"):
+        assert [r[column] for r in resumed_log] == [r[column] for r in full_log]
+
+
+def test_run_directory_refusals(tmp_path, finished_run):
+    run_dir, _, particles = finished_run
+    config = ModelConfig(**MODEL)
+    with pytest.raises(UsageError, match="already holds a training run"):
+        train(config, tiny_train_config(), particles, run_dir)
+    with pytest.raises(UsageError, match="lr"):
+        train(config, tiny_train_config(lr=1e-3), particles, run_dir, resume=True)
+    with pytest.raises(UsageError, match="z_dim"):
+        train(ModelConfig(**MODEL, z_dim=3), tiny_train_config(), particles, run_dir, resume=True)
+    with pytest.raises(UsageError, match="40 particles, the input has 39"):
+        train(config, tiny_train_config(), ArrayParticles(blobs(39)), run_dir, resume=True)
+    with pytest.raises(InputError, match="no such run directory"):
+        train(config, tiny_train_config(), particles, tmp_path / "missing", resume=True)
+    # a finished run resumed with the same maximum does nothing more
+    reads = len(particles.reads)
+    assert train(None, tiny_train_config(), particles, run_dir, resume=True).epochs == 2
+    assert len(particles.reads) == reads
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_naming_the_file(tmp_path, finished_run):
+    run_dir, result, _ = finished_run
+    data = result.last_checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=f"{truncated}: not a readable checkpoint"):
+        ckpt.load_model(truncated)
+
+    state = ckpt.read_checkpoint(result.last_checkpoint)
+    future = tmp_path / "future.pt"
+    torch.save({**state, "format_version": ckpt.FORMAT_VERSION + 1}, future)
+    with pytest.raises(InputError, match=f"{future}: checkpoint format {ckpt.FORMAT_VERSION + 1}"):
+        ckpt.load_model(future)
+
+    damaged_run = tmp_path / "run"
+    damaged_run.mkdir()
+    (damaged_run / ckpt.LAST).write_bytes(data[:1000])
+    with pytest.raises(InputError, match=f"{damaged_run / ckpt.LAST}: not a readable"):
+        train(None, tiny_train_config(), ArrayParticles(blobs()), damaged_run, resume=True)
+    with pytest.raises(InputError, match="without checkpoint_best.pt"):
+        ckpt.load_model(damaged_run)
+    with pytest.raises(InputError, match="no such run directory or checkpoint"):
+        ckpt.load_model(tmp_path / "nothing")
+
+
+def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    elbo = TargetVAE.elbo
+    training_calls = []
+
+    def poisoned_elbo(self, images, generator=None):
+        terms = elbo(self, images, generator)
+        if torch.is_grad_enabled():
+            training_calls.append(1)
+            if len(training_calls) == 6:  # epoch 2, batch 2 (4 training batches per epoch)
+                return dataclasses.replace(terms, elbo=terms.elbo * float("nan"))
+        return terms
+
+    monkeypatch.setattr(TargetVAE, "elbo", poisoned_elbo)
+    with pytest.raises(TrainingDiverged, match="epoch 2, batch 2.*holds epoch 1"):
+        train(ModelConfig(**MODEL), tiny_train_config(epochs=3), ArrayParticles(blobs()), tmp_path)
+    state = ckpt.read_checkpoint(tmp_path / ckpt.LAST)
+    assert state["epoch"] == 1 and len(read_log(tmp_path)) == 1
+    assert all(torch.isfinite(t).all() for t in state["model_state"].values())
+    assert not leftover_temporaries(tmp_path)
+
+
+def test_bad_images_are_refused_naming_the_particles(tmp_path):
+    images = blobs()
+    train_idx, _ = make_split(N_PARTICLES, 0.25, seed=0)
+    images[train_idx[3]] = np.nan
+    with pytest.raises(TvaeError, match=f"particles {train_idx[3]} \\(0-based\\) contain NaN"):
+        train(ModelConfig(**MODEL), tiny_train_config(), ArrayParticles(images), tmp_path / "nan")
+    with pytest.raises(TvaeError, match="outside \\[0, 1\\]"):
+        train(ModelConfig(**MODEL), tiny_train_config(), ArrayParticles(blobs() * 2 - 0.5),
+              tmp_path / "range")
+    with pytest.raises(TvaeError, match="24x24 pixels, the model expects 28x28"):
+        train(ModelConfig(**{**MODEL, "image_size": 28}), tiny_train_config(), ArrayParticles(blobs()),
+              tmp_path / "size")
+
+
+def test_read_errors_in_worker_processes_reach_the_caller_intact(tmp_path):
+    class DamagedParticles(ArrayParticles):
+        def read(self, indices):
+            raise InputError("stack.mrcs", "image 7 contains NaN or inf pixels")
+
+    with pytest.raises(InputError, match="^stack.mrcs: image 7 contains NaN") as raised:
+        train(ModelConfig(**MODEL), tiny_train_config(num_workers=1), DamagedParticles(blobs()), tmp_path)
+    assert (raised.value.path, raised.value.problem) == ("stack.mrcs", "image 7 contains NaN or inf pixels")
+
+
+def test_train_from_an_mrcs_stack_takes_the_box_as_image_size(tmp_path, make_stack):
+    stack = make_stack("particles.mrcs", blobs())
+    options = {key: value for key, value in MODEL.items() if key != "image_size"}
+    result = train_from_star(stack, tmp_path / "run", tiny_train_config(epochs=1), model_options=options)
+    assert result.epochs == 1
+    assert ckpt.load_model(tmp_path / "run")[1] == ModelConfig(**MODEL)
+    # resuming needs no model options: the run's configuration is used
+    resumed = train_from_star(stack, tmp_path / "run", tiny_train_config(epochs=1), resume=True)
+    assert resumed.epochs == 1
+
+
+def test_plateau_halves_the_learning_rate_then_stops_early(tmp_path, monkeypatch):
+    # a validation loss that never improves after epoch 1
+    monkeypatch.setattr(_Trainer, "_validate", lambda self, epoch: {"elbo": -100.0})
+    config = tiny_train_config(epochs=50, patience_lr=0, early_stop=2)
+    result = train(ModelConfig(**MODEL), config, ArrayParticles(blobs()), tmp_path)
+    assert (result.epochs, result.best_epoch, result.stop_reason) == (3, 1, "early_stop")
+    assert [float(row["lr"]) for row in read_log(tmp_path)] == [2e-4, 2e-4, 1e-4]
+    # an early-stopped run stays stopped when resumed
+    assert train(None, config, ArrayParticles(blobs()), tmp_path, resume=True).epochs == 3
+
+
+# --- signals and torchrun, in real processes ---------------------------------------------------------------
+
+def test_sigint_drops_the_epoch_in_progress_and_keeps_completed_ones(tmp_path):
+    class SignallingParticles(ArrayParticles):
+        def read(self, indices):
+            if len(self.reads) == 7:  # epoch 2, batch 2 (6 reads per epoch: 4 training, 2 validation)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().read(indices)
+
+    with pytest.raises(Interrupted, match="SIGINT received in epoch 2.*holds epoch 1") as raised:
+        train(ModelConfig(**MODEL), tiny_train_config(epochs=3), SignallingParticles(blobs()), tmp_path)
+    assert raised.value.exit_code == EXIT_INTERRUPTED
+    assert ckpt.read_checkpoint(tmp_path / ckpt.LAST)["epoch"] == 1 and len(read_log(tmp_path)) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_train import MODEL, ArrayParticles, blobs, tiny_train_config
+from tvae_em.errors import TvaeError
+from tvae_em.model import ModelConfig
+from tvae_em.train import train
+torch.set_num_threads(1)
+try:
+    train(ModelConfig(**MODEL), tiny_train_config(epochs=50), ArrayParticles(blobs(), delay_s=0.05),
+          {run_dir!r})
+except TvaeError as exc:
+    print(f"error: {{exc}}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+def wait_for_first_epoch(process, run_dir: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / "log.csv").exists():
+        running = process.poll() is None if hasattr(process, "poll") else process.is_alive()
+        assert running, "training process ended early"
+        assert time.monotonic() < deadline, "no epoch completed in time"
+        time.sleep(0.02)
+
+
+def test_sigterm_to_a_python_process_exits_130_keeping_completed_epochs(tmp_path):
+    code = SCRIPT.format(tests=str(REPO / "tests"), run_dir=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    wait_for_first_epoch(process, tmp_path)
+    time.sleep(0.15)  # into the next epoch
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert "SIGTERM received in epoch" in stderr and "resume to continue" in stderr
+    completed = ckpt.read_checkpoint(tmp_path / ckpt.LAST)["epoch"]
+    assert completed >= 1 and len(read_log(tmp_path)) == completed
+    assert f"holds epoch {completed}" in stderr
+    assert not leftover_temporaries(tmp_path)
+
+
+def _train_in_child(run_dir, epochs: int, delay_s: float, env: dict, threads: int) -> None:
+    """Body of a training process started with 'spawn': forking after torch's OpenMP pool has run (as it has
+    in a full test session) deadlocks the child."""
+    os.environ.update(env)
+    torch.set_num_threads(threads)  # the parent's: results are bit-identical only with the same reductions
+    try:
+        train(ModelConfig(**MODEL), tiny_train_config(epochs=epochs), ArrayParticles(blobs(), delay_s),
+              run_dir)
+    except TvaeError as exc:
+        sys.exit(exc.exit_code)
+
+
+def started(run_dir: Path, epochs: int = 50, delay_s: float = 0.05, env=None):
+    process = multiprocessing.get_context("spawn").Process(target=_train_in_child,
+                                                          args=(run_dir, epochs, delay_s, env or {},
+                                                                  torch.get_num_threads()))
+    process.start()
+    return process
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    killed = tmp_path / "killed"
+    process = started(killed)
+    wait_for_first_epoch(process, killed)
+    time.sleep(0.15)
+    process.kill()
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
+    assert ckpt.read_checkpoint(killed / ckpt.LAST)["epoch"] in (1, 2)
+    config = ModelConfig(**MODEL)
+    resumed = train(config, tiny_train_config(epochs=3), ArrayParticles(blobs()), killed, resume=True)
+    full = train(config, tiny_train_config(epochs=3), ArrayParticles(blobs()), tmp_path / "full")
+    assert resumed.epochs == full.epochs == 3
+    assert_same_parameters(ckpt.read_checkpoint(resumed.last_checkpoint)["model_state"],
+                           ckpt.read_checkpoint(full.last_checkpoint)["model_state"])
+    assert len(read_log(killed)) == 3 and not leftover_temporaries(killed)
+
+
+def test_torchrun_style_two_cpu_ranks_train_together_and_only_rank_0_writes(tmp_path):
+    """Two Gloo ranks configured through torchrun's environment variables (spawned instead of launched)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = [started(tmp_path / f"rank{rank}", epochs=2, delay_s=0.0,
+                    env={"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    for process in ranks:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    rows = read_log(tmp_path / "rank0")
+    assert len(rows) == 2 and all(math.isfinite(float(row["val_elbo"])) for row in rows)
+    assert ckpt.read_checkpoint(tmp_path / "rank0" / ckpt.LAST)["epoch"] == 2
+    assert not (tmp_path / "rank1").exists()

@@ -1,0 +1,144 @@
+"""Training checkpoints: atomic writing, validated reading, random-state capture, and ``load_model``.
+
+A checkpoint is a ``torch.save`` dict holding plain tensors, numbers, strings, lists and dicts only, so it is
+read with ``weights_only=True`` (a checkpoint received from someone else cannot run code on load). Every
+checkpoint carries ``format_version``: a reader refuses any other version instead of misreading the layout.
+"""
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tvae_em import __version__
+from tvae_em.errors import InputError
+from tvae_em.io.atomic import atomic_path
+from tvae_em.model import ModelConfig, TargetVAE
+
+FORMAT_VERSION = 1
+LAST = "checkpoint_last.pt"
+BEST = "checkpoint_best.pt"
+REQUIRED_KEYS = ("format_version", "version", "model_config", "train_config", "model_state", "epoch")
+
+# escnn's R2Conv caches its expanded filter and bias as buffers that exist only in some train/eval states;
+# they are recomputed from the weights, so checkpoints leave them out and loading tolerates their absence.
+_DERIVED_BUFFERS = (".filter", ".expanded_bias")
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> TargetVAE:
+    """A freshly initialised model, reproducible from ``seed``, without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TargetVAE(config)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The model's learned state on the CPU, without escnn's derived filter caches."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()
+            if not name.endswith(_DERIVED_BUFFERS)}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
+    """Load ``state`` into ``model``; InputError naming ``path`` if a learned tensor is missing or extra."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        problem = f"model weights do not fit the model configuration ({_first_line(exc)})"
+        raise InputError(path, problem) from None
+    missing = [name for name in missing if not name.endswith(_DERIVED_BUFFERS)]
+    if missing or unexpected:
+        raise InputError(path, f"model weights do not fit the model (missing {missing[:3]}, "
+                               f"unexpected {list(unexpected)[:3]})")
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write ``state`` (plus format and package versions) to ``path`` atomically."""
+    buffer = io.BytesIO()  # torch.save to a file turns a full disk into an opaque C++ error: write it ourselves
+    torch.save({"format_version": FORMAT_VERSION, "version": __version__, **state}, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Read and validate a checkpoint file; InputError naming the file if it is not a usable checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+        problem = f"not a readable checkpoint, truncated or corrupt ({_first_line(exc)})"
+        raise InputError(path, problem) from None
+    if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
+        raise InputError(path, "not a tvae-em checkpoint (no format_version)")
+    if checkpoint["format_version"] != FORMAT_VERSION:
+        raise InputError(path, f"checkpoint format {checkpoint['format_version']} (written by tvae-em "
+                               f"{checkpoint.get('version', '?')}) cannot be read by tvae-em {__version__}, "
+                               f"which reads format {FORMAT_VERSION}")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise InputError(path, f"incomplete checkpoint, missing {', '.join(missing)}")
+    return checkpoint
+
+
+def model_config_from(checkpoint: dict, path) -> ModelConfig:
+    try:
+        return ModelConfig(**checkpoint["model_config"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"invalid model configuration in checkpoint ({exc})") from None
+
+
+def checkpoint_path(path) -> Path:
+    """A checkpoint file as given, or the best checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST
+        if not path.is_file():
+            raise InputError(path.parent, f"run directory without {BEST} (no epoch finished yet?)")
+    elif not path.exists():
+        raise InputError(path, "no such run directory or checkpoint")
+    return path
+
+
+def load_model(path, map_location="cpu") -> tuple[TargetVAE, ModelConfig]:
+    """The trained model (eval mode, on ``map_location``) and its configuration, from a run directory (its
+    best checkpoint) or a checkpoint file. InputError naming the file if missing, corrupt or foreign."""
+    path = checkpoint_path(path)
+    checkpoint = read_checkpoint(path, map_location="cpu")
+    config = model_config_from(checkpoint, path)
+    model = build_model(config)
+    load_model_state(model, checkpoint["model_state"], path)
+    return model.to(map_location).eval(), config
+
+
+# --- random states ---------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict:
+    """Global random states of torch (CPU and the current CUDA device), numpy and Python, weights_only-safe.
+
+    Only the current CUDA device: touching the others would create a context on GPUs that belong to other
+    ranks (and fail on GPUs in exclusive-process mode). A CPU run leaves CUDA uninitialised.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "numpy": numpy_state, "python": random.getstate()}
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {**numpy_state["state"], "key": np.asarray(numpy_state["state"]["key"], np.uint32)}
+    np.random.set_state(numpy_state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,393 @@
+"""Inference over a particle stack with a trained model: semantic embedding (``embed``) and in-plane poses
+(``pose``), in batches and optionally in shards.
+
+Only the encoder runs (the MAP cell of q(t, r | y), paper section 3.2, via ``TargetVAE.encode``); images are
+streamed batch by batch so memory holds one batch (plus the one being read ahead) and the result arrays.
+
+Shards. ``shard=(i, n)`` processes the contiguous rows [i L / n, (i + 1) L / n) of the L-row input and saves
+its row-local results (the new STAR columns, at full precision) with their row indices and a fingerprint of
+the inputs in an ``.npz``; ``merge_shards`` checks that the shards come from the same inputs and cover every
+row exactly once, puts them back in input order and runs the same final step as an unsharded run: steps that
+need every particle (clustering) happen there. An unsharded run takes the same path in memory, so merged and
+unsharded outputs are identical.
+"""
+
+import hashlib
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from tvae_em import plots
+from tvae_em.checkpoint import checkpoint_path, load_model
+from tvae_em.device import resolve_device
+from tvae_em.errors import InputError, UsageError
+from tvae_em.io.atomic import atomic_path, refuse_overwriting
+from tvae_em.io.stack import open_particles
+from tvae_em.io.star import write_star
+from tvae_em.metrics import WARD_MAX_POINTS, cluster
+from tvae_em.poses import model_to_relion
+from tvae_em.render import CLUSTER_COLUMN, decode_at, z_columns
+
+ENCODED_FIELDS = ("z_mu", "z_std", "theta", "t", "entropy", "rotation_mass", "max_prob")
+POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "tvaePoseEntropy", "tvaePoseMaxProb",
+                "tvaeSymmetryHint", "tvaeRotationMassTop")
+_SHARD_FORMAT = 1
+
+
+# --- encoding -----------------------------------------------------------------------------------------------
+
+def encode_particles(model, particles, batch_size=256, device="auto", indices=None) -> dict:
+    """Run the encoder over ``particles`` (all rows, or ``indices``) and return numpy arrays, one row each.
+
+    Keys: z_mu, z_std (n, Z); theta (n,) rad in [0, 2 pi); t (n, 2) model frame; entropy (n,) nats of
+    q(t, r | y); rotation_mass (n, R); max_prob (n,). The next batch is read from disk while the current one
+    is encoded, so at most two batches of images are in memory.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    device = resolve_device(device)
+    indices = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
+    check_image_size(model, particles)
+    model.to(device).eval()
+    model.encoder.export()
+    cfg = model.config
+    n = len(indices)
+    results = {"z_mu": np.empty((n, cfg.z_dim), np.float32), "z_std": np.empty((n, cfg.z_dim), np.float32),
+               "theta": np.empty(n, np.float32), "t": np.empty((n, 2), np.float32),
+               "entropy": np.empty(n, np.float32), "rotation_mass": np.empty((n, cfg.rotations), np.float32),
+               "max_prob": np.empty(n, np.float32)}
+    with ThreadPoolExecutor(max_workers=1) as reader, torch.no_grad(), \
+            tqdm(total=n, unit="particle", desc="encoding", file=sys.stderr) as progress:
+        pending = reader.submit(particles.read, indices[:batch_size]) if n else None
+        for start in range(0, n, batch_size):
+            images = pending.result()
+            following = start + batch_size
+            if following < n:
+                pending = reader.submit(particles.read, indices[following:following + batch_size])
+            estimate = model.encode(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device))
+            for name in ENCODED_FIELDS:
+                results[name][start:start + len(images)] = getattr(estimate, name).float().cpu().numpy()
+            progress.update(len(images))
+    return results
+
+
+def check_image_size(model, particles) -> None:
+    """The encoder's translation grid is built for one box size; other boxes would give meaningless poses."""
+    if particles.box != model.config.image_size:
+        raise UsageError(f"the model was trained on {model.config.image_size} px images but the particles "
+                         f"are {particles.box} px; preprocess them to the model's box first")
+
+
+# --- shards -------------------------------------------------------------------------------------------------
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' (0-based shard i of n) -> (i, n), with a UsageError for anything else."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    check_shard((index, count))
+    return index, count
+
+
+def check_shard(shard) -> None:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"shard {index}/{count} does not exist: need n >= 1 and 0 <= i < n")
+
+
+def shard_rows(n_rows: int, shard=None) -> np.ndarray:
+    """Row indices of shard (i, n): the contiguous block [i L / n, (i + 1) L / n) of L rows (None: all)."""
+    if shard is None:
+        return np.arange(n_rows, dtype=np.int64)
+    check_shard(shard)
+    index, count = shard
+    return np.arange(index * n_rows // count, (index + 1) * n_rows // count, dtype=np.int64)
+
+
+def shard_output_path(out_star, shard) -> Path:
+    """Where shard (i, n) of a run whose merged output is ``out_star`` saves its results."""
+    out_star = Path(out_star)
+    return out_star.with_name(f"{out_star.stem}.shard{shard[0]}of{shard[1]}.npz")
+
+
+@dataclass
+class Results:
+    """New STAR columns for some rows of the input table, and the inputs and settings that produced them.
+
+    ``columns`` maps STAR labels (without the leading underscore) to arrays aligned with ``rows``; ``source``
+    holds the kind ('embed' or 'pose'), the input STAR path and its row count, the run directory, the image
+    folder, the clustering request and, for shards, SHA-256 digests of the STAR and of the model checkpoint,
+    so that shards of different runs or inputs are never merged.
+    """
+
+    rows: np.ndarray
+    columns: dict
+    source: dict
+
+    def save(self, path) -> None:
+        arrays = {f"column:{name}": values for name, values in self.columns.items()}
+        arrays.update({f"source:{key}": np.asarray(value) for key, value in self.source.items()})
+        with atomic_path(path) as tmp:
+            np.savez(tmp, rows=self.rows, format=np.asarray(_SHARD_FORMAT), **arrays)
+
+    @classmethod
+    def load(cls, path) -> "Results":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "format" not in data.files or int(data["format"]) != _SHARD_FORMAT:
+                    raise InputError(path, "not a shard result of tvae-em embed/pose (or of another version)")
+                columns = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("column:")}
+                source = {k.split(":", 1)[1]: data[k].item() for k in data.files if k.startswith("source:")}
+                return cls(rows=data["rows"], columns=columns, source=source)
+        except (OSError, ValueError, KeyError) as err:
+            raise InputError(path, f"cannot read shard results: {err}") from None
+
+
+def merge_shards(shard_outputs, out_star) -> Path:
+    """Combine the shard results of one embed or pose run into ``out_star`` (rows in input order).
+
+    Raises InputError when the shards come from different inputs or settings, when the input STAR changed
+    since they were made, or when any row is missing or appears more than once.
+    """
+    paths = [Path(p) for p in shard_outputs]
+    if not paths:
+        raise UsageError("no shard results to merge")
+    parts = [Results.load(p) for p in paths]
+    source = parts[0].source
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        if part.source["kind"] != source["kind"]:
+            raise InputError(path, f"a shard of '{part.source['kind']}', but {paths[0]} is one of "
+                                   f"'{source['kind']}'")
+        changed = sorted(k for k in source.keys() | part.source.keys() if part.source.get(k) != source.get(k))
+        if changed:
+            raise InputError(path, f"made from other inputs or settings than {paths[0]} (differs in "
+                                   f"{', '.join(changed)})")
+    if file_sha256(source["star_path"]) != source["star_sha256"]:
+        raise InputError(source["star_path"], "changed since the shards were computed; rerun them")
+    rows = np.concatenate([part.rows for part in parts])
+    _check_coverage(rows, source["n_rows"], paths, parts)
+    order = np.argsort(rows, kind="stable")
+    columns = {name: np.concatenate([part.columns[name] for part in parts])[order]
+               for name in parts[0].columns}
+    return _finish(Results(rows=rows[order], columns=columns, source=source), out_star)
+
+
+def _check_coverage(rows, n_rows, paths, parts) -> None:
+    counts = np.bincount(rows, minlength=n_rows) if len(rows) else np.zeros(n_rows, np.int64)
+    if len(counts) > n_rows:
+        raise InputError(paths[0], f"shard rows go beyond the {n_rows} rows of the input STAR")
+    missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
+    if len(repeated):
+        owners = [str(p) for p, part in zip(paths, parts, strict=True) if np.isin(part.rows, repeated).any()]
+        raise InputError(owners[0], f"{len(repeated)} rows (first: {repeated[0]}) appear more than once, "
+                                    f"in {', '.join(owners)}")
+    if len(missing):
+        raise InputError(paths[0], f"{len(missing)} of {n_rows} rows (first: {missing[0]}) are in none of "
+                                   f"the {len(paths)} shards given")
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- embed and pose -----------------------------------------------------------------------------------------
+
+def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None, batch_size=256,
+          device="auto", datadir=None, seed=0) -> Path:
+    """Semantic latents of every particle: ``_tvaeZ01..`` (posterior means of z at the MAP cell) and
+    ``_tvaeZStd01..`` added to a copy of ``star_path``, ``<stem>_embedding.npz`` and ``<stem>_latent.png``.
+
+    With ``clusters`` = k, the means are clustered (Ward as in section 4.3 of the paper, or k-means) into
+    ``_tvaeCluster`` 1..k, numbered by decreasing size. With ``shard`` = (i, n) only the shard's rows are
+    encoded and saved to ``shard_output_path(out_star, shard)`` (returned); ``merge_shards`` does the rest.
+    """
+    if clusters is not None and method not in ("ward", "kmeans"):
+        raise UsageError(f"unknown clustering method {method!r}; expected 'ward' or 'kmeans'")
+    if clusters is not None and clusters < 1:
+        raise UsageError(f"the number of clusters must be at least 1, got {clusters}")
+    settings = {"kind": "embed", "clusters": 0 if clusters is None else int(clusters), "method": method,
+                "seed": int(seed)}
+    return _run(run_dir, star_path, out_star, shard, batch_size, device, datadir, settings, _embed_columns)
+
+
+def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto", datadir=None) -> Path:
+    """In-plane poses of every particle in RELION's convention (``rlnAnglePsi``, ``rlnOriginXAngst``,
+    ``rlnOriginYAngst``, replacing any the input had, with each particle's own pixel size) in a copy of
+    ``star_path``, plus ``<stem>_poses.png``, and what the posterior says about their reliability:
+
+    - ``_tvaePoseEntropy``: entropy of q(t, r | y) in nats (0: one certain cell);
+    - ``_tvaePoseMaxProb``: q of the chosen (t, r) cell;
+    - ``_tvaeRotationMassTop``: the largest q(r | y) = sum over t of q(t, r | y), how sharply one
+      rotation bin is preferred;
+    - ``_tvaeSymmetryHint``: the cyclic order that best explains q(r | y) (``symmetry_hint``).
+
+    Sharding as in ``embed``.
+    """
+    return _run(run_dir, star_path, out_star, shard, batch_size, device, datadir, {"kind": "pose"},
+                _pose_columns)
+
+
+def _run(run_dir, star_path, out_star, shard, batch_size, device, datadir, settings, make_columns) -> Path:
+    """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run."""
+    star_path, out_star = Path(star_path).resolve(), Path(out_star)
+    refuse_overwriting([out_star], [star_path, checkpoint_path(run_dir)])
+    model, _ = load_model(run_dir, map_location=resolve_device(device))
+    particles = open_particles(star_path, datadir=datadir)
+    refuse_overwriting([out_star], particles.stack_paths)
+    rows = shard_rows(len(particles), shard)
+    encoded = encode_particles(model, particles, batch_size, device, rows)
+    source = {**settings, "star_path": str(star_path), "n_rows": len(particles),
+              "run_dir": str(Path(run_dir).resolve()),
+              "datadir": "" if datadir is None else str(Path(datadir).resolve())}
+    results = Results(rows=rows, columns=make_columns(encoded, particles, rows), source=source)
+    if shard is None:
+        return _finish(results, out_star, model=model, particles=particles)
+    results.source["star_sha256"] = file_sha256(star_path)
+    results.source["model_sha256"] = file_sha256(checkpoint_path(run_dir))
+    path = shard_output_path(out_star, shard)
+    results.save(path)
+    return path
+
+
+def _finish(results: Results, out_star, model=None, particles=None) -> Path:
+    """The step that needs every row: global analysis, the output STAR and the figures."""
+    source = results.source
+    if particles is None:
+        particles = open_particles(source["star_path"], datadir=source["datadir"] or None)
+    columns = dict(results.columns)
+    out_star = Path(out_star)
+    if source["kind"] == "embed":
+        if model is None:
+            model, _ = load_model(source["run_dir"], map_location=torch.device("cpu"))
+        _finish_embedding(columns, source, out_star, model)
+    else:
+        _pose_figure(columns, out_star)
+    write_star(out_star, particles.table, pd.DataFrame(columns), block=particles.block)
+    return out_star
+
+
+def derived_path(out_star, role, suffix) -> Path:
+    """Side outputs live beside the output STAR and are named after it: <stem>_<role><suffix>."""
+    out_star = Path(out_star)
+    return out_star.with_name(f"{out_star.stem}_{role}{suffix}")
+
+
+# --- embedding ----------------------------------------------------------------------------------------------
+
+def _embed_columns(encoded, particles, rows) -> dict:
+    z_dim = encoded["z_mu"].shape[1]
+    columns = dict(zip(z_columns(z_dim), encoded["z_mu"].T, strict=True))
+    columns.update(zip(z_columns(z_dim, "tvaeZStd"), encoded["z_std"].T, strict=True))
+    return columns
+
+
+def _finish_embedding(columns, source, out_star, model) -> None:
+    """Cluster the latent means (in place: adds the cluster column), then write the npz and the figure."""
+    z_dim = model.config.z_dim
+    z_mu = np.column_stack([columns[name] for name in z_columns(z_dim)])
+    z_std = np.column_stack([columns[name] for name in z_columns(z_dim, "tvaeZStd")])
+    arrays = {"z_mu": z_mu, "z_std": z_std, "rows": np.arange(len(z_mu))}
+    labels = centers = images = None
+    if source["clusters"]:
+        labels = cluster_latents(z_mu, source["clusters"], source["method"], source["seed"])
+        centers = np.stack([z_mu[labels == k].mean(0) for k in range(1, source["clusters"] + 1)])
+        images = decode_at(model, centers)
+        columns[CLUSTER_COLUMN] = labels
+        arrays.update(cluster=labels, cluster_centers=centers)
+    with atomic_path(derived_path(out_star, "embedding", ".npz")) as tmp:
+        np.savez(tmp, **arrays)
+    plots.latent_figure(derived_path(out_star, "latent", ".png"), z_mu, labels, centers, images,
+                        title="posterior means of z", seed=source["seed"])
+
+
+def cluster_latents(z, k, method="ward", seed=0) -> np.ndarray:
+    """Cluster labels 1..k, numbered by decreasing cluster size (equal sizes keep the clustering's order).
+
+    Ward clustering needs memory quadratic in the number of points, so above ``WARD_MAX_POINTS`` it is fit
+    on a seeded random subsample of that size; the subsample keeps its Ward labels and every other point
+    joins the cluster with the nearest centroid (Euclidean, like Ward's variance criterion).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if method == "ward" and len(z) > WARD_MAX_POINTS:
+        sample = np.sort(np.random.default_rng(seed).choice(len(z), WARD_MAX_POINTS, replace=False))
+        sample_labels = cluster(z[sample], k, method="ward", seed=seed)
+        centroids = np.stack([z[sample][sample_labels == c].mean(0) for c in range(k)])
+        labels = nearest_centroid(z, centroids)
+        labels[sample] = sample_labels
+    else:
+        labels = cluster(z, k, method=method, seed=seed)
+    return _number_by_size(labels, k)
+
+
+def nearest_centroid(points, centroids, chunk=65_536) -> np.ndarray:
+    """Index of the closest centroid for every point, in chunks so that memory stays O(chunk * k)."""
+    labels = np.empty(len(points), dtype=np.int64)
+    for start in range(0, len(points), chunk):
+        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2, and |p|^2 does not change which centroid is nearest
+        distances = (centroids ** 2).sum(1) - 2 * points[start:start + chunk] @ centroids.T
+        labels[start:start + chunk] = distances.argmin(1)
+    return labels
+
+
+def _number_by_size(labels, k) -> np.ndarray:
+    sizes = np.bincount(labels, minlength=k)
+    order = np.argsort(-sizes, kind="stable")
+    rank = np.empty(k, dtype=np.int64)
+    rank[order] = np.arange(1, k + 1)
+    return rank[labels]
+
+
+# --- poses --------------------------------------------------------------------------------------------------
+
+def _pose_columns(encoded, particles, rows) -> dict:
+    psi_deg, origin_x, origin_y = model_to_relion(encoded["theta"].astype(np.float64),
+                                                  encoded["t"].astype(np.float64), particles.box,
+                                                  particles.pixel_sizes[rows])
+    mass = encoded["rotation_mass"]
+    values = (psi_deg, origin_x, origin_y, encoded["entropy"], encoded["max_prob"], symmetry_hint(mass),
+              mass.max(1))
+    return dict(zip(POSE_COLUMNS, values, strict=True))
+
+
+def _pose_figure(columns, out_star) -> None:
+    plots.pose_figure(derived_path(out_star, "poses", ".png"), psi_deg=columns["rlnAnglePsi"],
+                      origin_x_angst=columns["rlnOriginXAngst"], origin_y_angst=columns["rlnOriginYAngst"],
+                      entropy_nats=columns["tvaePoseEntropy"], max_prob=columns["tvaePoseMaxProb"],
+                      symmetry_hint=columns["tvaeSymmetryHint"])
+
+
+def symmetry_hint(rotation_mass) -> np.ndarray:
+    """Cyclic order n per particle that best explains q(r | y), the rotation mass (B, R).
+
+    An object with C_n symmetry looks the same at n rotations 2 pi / n apart, so the encoder's posterior
+    puts equal mass on n bins spaced R / n apart. For every divisor n of R, the L1 distance between q(r | y)
+    and the best-placed such n-bin pattern (1/n on each) is computed; the smallest n within 1e-6 of the best
+    distance wins. Mass spread over every bin (a round or featureless particle) gives n = R.
+    """
+    mass = np.asarray(rotation_mass, dtype=np.float64)
+    mass = mass / mass.sum(1, keepdims=True)
+    bins = mass.shape[1]
+    orders = [n for n in range(1, bins + 1) if bins % n == 0]
+    distance = np.stack([_pattern_distance(mass, n) for n in orders], axis=1)
+    best = distance.min(1, keepdims=True)
+    return np.asarray(orders)[np.argmax(distance <= best + 1e-6, axis=1)]
+
+
+def _pattern_distance(mass, order) -> np.ndarray:
+    """min over phases of || mass - (1/order on bins phase + k R/order) ||_1, for every row of mass (B, R)."""
+    spacing = mass.shape[1] // order
+    on_pattern = mass.reshape(len(mass), order, spacing)  # [b, k, phase] = mass of bin phase + k * spacing
+    captured = on_pattern.sum(1)
+    mismatch = np.abs(on_pattern - 1.0 / order).sum(1)
+    return (mismatch + 1.0 - captured).min(1)

@@ -1,0 +1,156 @@
+"""RELION particle-table semantics on top of the text-preserving STAR reader.
+
+Everything downstream works on the RELION 3.1+ layout: a ``data_optics`` table holding per-group optics
+(pixel size, box size, ...) and a particles table whose ``_rlnOpticsGroup`` points into it.  A RELION 3.0
+file (one block, optics repeated on every particle row, origins in pixels) is converted the way RELION
+itself does it (StarConverter::convert_3p0_particlesTo_3p1):
+
+* particles are grouped by their values of the optics labels (amplitude contrast, beam tilt, Cs, voltage,
+  detector pixel size, magnification), groups numbered 1, 2, ... in order of first appearance;
+* those labels move to the optics table (with rlnOpticsGroupName 'opticsGroup<g>'), and
+  rlnDetectorPixelSize, rlnMagnification become rlnImagePixelSize = 10000 * dstep / mag;
+  a 3.0-era rlnPixelSize column is taken as rlnImagePixelSize directly;
+* rlnImageSize comes from the stack headers, rlnImageDimensionality is 2;
+* pixel origins (rlnOriginX/Y/Z, their priors, rlnHelicalTrackLength) become rlnOrigin*Angst (and
+  rlnHelicalTrackLengthAngst) = pixels * pixel size, written '%.6f' as RELION does, in the position of
+  the pixel column.
+
+Every other column and value is kept as it was.  The pixel size comes from the STAR file first and from the
+MRC header (``header_pixel_size``) only when the STAR file has none.
+"""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from tvae_em.errors import InputError
+from tvae_em.io.star import StarBlock, StarFile, numeric_column, particles_block
+
+OPTICS_LABELS_30 = ("rlnAmplitudeContrast", "rlnBeamTiltX", "rlnBeamTiltY", "rlnSphericalAberration",
+                    "rlnVoltage", "rlnDetectorPixelSize", "rlnMagnification", "rlnPixelSize")
+PIXEL_TO_ANGST = {f"rlnOrigin{axis}{prior}": f"rlnOrigin{axis}{prior}Angst"
+                  for axis in "XYZ" for prior in ("", "Prior")}
+PIXEL_TO_ANGST["rlnHelicalTrackLength"] = "rlnHelicalTrackLengthAngst"
+DEFAULT_PIXEL_SIZE = 1.0
+
+
+def to_relion31(star: StarFile, box: int, header_pixel_size: float | None) -> StarFile:
+    """The particles STAR in RELION 3.1 form with a complete, validated optics table.
+
+    ``box`` is the image size found in the stacks; ``header_pixel_size`` the MRC header's pixel size
+    (Angstrom; <= 0 or None when the header has none).
+    """
+    block = particles_block(star)
+    if "optics" in star:
+        return _complete_optics(star, block, box, header_pixel_size)
+    return _convert_30(star, block, box, header_pixel_size)
+
+
+def _convert_30(star: StarFile, block: str, box: int, header_pixel_size: float | None) -> StarFile:
+    table = star[block]
+    labels = [label for label in OPTICS_LABELS_30 if label in table.columns]
+    if labels:
+        keys = pd.DataFrame({label: numeric_column(star, block, label) for label in labels})
+        group = keys.groupby(labels, sort=False, dropna=False).ngroup().to_numpy()
+    else:
+        group = np.zeros(len(table), dtype=np.int64)
+    optics = _optics_table(table.iloc[np.unique(group, return_index=True)[1]][labels])
+    particles = table.drop(columns=labels).assign(rlnOpticsGroup=(group + 1).astype(str))
+    blocks = {}
+    for name, item in star.blocks.items():
+        if name == block:
+            blocks["optics"] = StarBlock("optics", optics)
+            blocks["particles"] = StarBlock("particles", particles)
+        else:
+            blocks[name] = item
+    converted = StarFile(blocks, star.path, star.version)
+    return _origins_to_angst(_complete_optics(converted, "particles", box, header_pixel_size))
+
+
+def _optics_table(first_rows: pd.DataFrame) -> pd.DataFrame:
+    """Optics table from the first particle row of each group (text kept), pixel size unified."""
+    optics = first_rows.reset_index(drop=True)
+    ids = np.arange(1, len(optics) + 1)
+    optics.insert(0, "rlnOpticsGroupName", [f"opticsGroup{g}" for g in ids])
+    optics.insert(0, "rlnOpticsGroup", ids.astype(str))
+    labels_mag = ["rlnDetectorPixelSize", "rlnMagnification"]
+    if all(label in optics for label in labels_mag):
+        dstep_um, magnification = (optics[label].astype(float) for label in labels_mag)
+        optics = optics.drop(columns=[*labels_mag, "rlnPixelSize"], errors="ignore")
+        optics["rlnImagePixelSize"] = [f"{value:.6f}" for value in 10000.0 * dstep_um / magnification]
+    elif "rlnPixelSize" in optics:
+        optics = optics.rename(columns={"rlnPixelSize": "rlnImagePixelSize"})
+    return optics
+
+
+def _origins_to_angst(star: StarFile) -> StarFile:
+    table = star["particles"]
+    present = [label for label in PIXEL_TO_ANGST if label in table.columns]
+    if not present:
+        return star
+    table = table.copy()
+    apix = particle_pixel_sizes(star, "particles")
+    for label in present:
+        table[label] = [f"{value:.6f}" for value in numeric_column(star, "particles", label) * apix]
+    renamed = table.rename(columns={label: PIXEL_TO_ANGST[label] for label in present})
+    return star.replace("particles", renamed)
+
+
+def _complete_optics(star: StarFile, block: str, box: int, header_pixel_size: float | None) -> StarFile:
+    """Fill what RELION 3.1 requires and we use (pixel size, image size, dimensionality); validate groups."""
+    optics = star["optics"].copy()
+    if "rlnOpticsGroup" not in optics:
+        raise InputError(star.path, "data_optics has no _rlnOpticsGroup column")
+    if "rlnImagePixelSize" not in optics:
+        if "rlnPixelSize" in optics:
+            optics["rlnImagePixelSize"] = optics["rlnPixelSize"]
+        else:
+            optics["rlnImagePixelSize"] = f"{_fallback_pixel_size(star, header_pixel_size):.6f}"
+    if "rlnImageSize" in optics:
+        sizes = numeric_column(star, "optics", "rlnImageSize")
+        if np.any(sizes != box):
+            raise InputError(star.path, f"data_optics: _rlnImageSize {sizes[sizes != box][0]:g} but the "
+                             f"stacks hold {box}x{box} images")
+    else:
+        optics["rlnImageSize"] = str(box)
+    if "rlnImageDimensionality" not in optics:
+        optics["rlnImageDimensionality"] = "2"
+    star = star.replace("optics", optics)
+    if "rlnOpticsGroup" not in star[block]:
+        if len(optics) != 1:
+            raise InputError(star.path, f"data_{block} has no _rlnOpticsGroup column but data_optics defines "
+                             f"{len(optics)} groups")
+        star = star.replace(block, star[block].assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0]))
+    if np.any(numeric_column(star, "optics", "rlnImagePixelSize") <= 0):
+        raise InputError(star.path, "data_optics: _rlnImagePixelSize must be positive")
+    optics_rows(star, block)
+    return star
+
+
+def _fallback_pixel_size(star: StarFile, header_pixel_size: float | None) -> float:
+    if header_pixel_size is not None and header_pixel_size > 0:
+        return float(header_pixel_size)
+    warnings.warn(f"{star.path}: no pixel size in the STAR file nor in the MRC header; "
+                  f"assuming {DEFAULT_PIXEL_SIZE} A", stacklevel=3)
+    return DEFAULT_PIXEL_SIZE
+
+
+def optics_rows(star: StarFile, block: str) -> np.ndarray:
+    """For each particle, its row in ``data_optics``; InputError naming the first undefined group."""
+    group_ids = numeric_column(star, "optics", "rlnOpticsGroup")
+    if len(set(group_ids)) != len(group_ids):
+        raise InputError(star.path, "data_optics defines an optics group twice")
+    particle_groups = numeric_column(star, block, "rlnOpticsGroup")
+    rows = pd.Index(group_ids).get_indexer(particle_groups)
+    missing = np.flatnonzero(rows < 0)
+    if missing.size:
+        row = int(missing[0])
+        raise InputError(star.path, f"data_{block} row {row + 1}: optics group "
+                         f"{particle_groups[row]:g} not defined in data_optics")
+    return rows
+
+
+def particle_pixel_sizes(star: StarFile, block: str) -> np.ndarray:
+    """Pixel size (Angstrom) of every particle, resolved through its optics group."""
+    return numeric_column(star, "optics", "rlnImagePixelSize")[optics_rows(star, block)]

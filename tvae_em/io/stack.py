@@ -1,0 +1,206 @@
+"""Particle images referenced by a STAR file (or one plain MRCS stack), read lazily in index order.
+
+``open_particles`` checks everything that can be checked cheaply before any work starts (every stack
+exists, every index is within its stack, all boxes are square and equal) and raises InputError naming the
+file, the row and the problem.  ``Particles.read`` then serves batches: requested rows are sorted and read
+as contiguous runs (``mrc.read_sections``), so a shuffled batch costs one small read per image and a
+sequential chunk one read per stack file, and memory holds the batch, never the stacks.
+"""
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tvae_em.errors import InputError
+from tvae_em.io.mrc import MrcHeader, read_mrc_header, read_sections, warn_unstamped, write_stack
+from tvae_em.io.relion import particle_pixel_sizes, to_relion31
+from tvae_em.io.star import StarFile, new_relion31_star, particles_block, read_star
+
+__all__ = ["Particles", "open_particles", "relion_path", "write_stack"]
+_OPEN_FILES = 64  # stacks kept open at once
+
+
+class Particles:
+    """N x N particle images with their RELION 3.1 table.
+
+    ``table`` is the StarFile to write results back with (``block`` names its particles table),
+    ``pixel_sizes`` the per-particle pixel size in Angstrom and ``pixel_size`` the same as one float when
+    uniform.  Picklable (for data-loader workers): open files are not carried across.
+    """
+
+    def __init__(self, table: StarFile, block: str, headers: list[MrcHeader], stack_id: np.ndarray,
+                 slice_index: np.ndarray):
+        self._files: OrderedDict[int, object] = OrderedDict()  # first: __del__ closes them after any failure
+        self.table, self.block, self._headers = table, block, headers
+        self._stack_id, self._slice = stack_id, slice_index
+        self.box = headers[0].shape[1]
+        self.pixel_sizes = particle_pixel_sizes(table, block)
+        uniform = np.all(self.pixel_sizes == self.pixel_sizes[0])
+        self.pixel_size = float(self.pixel_sizes[0]) if uniform else self.pixel_sizes
+
+    def __len__(self) -> int:
+        return len(self._stack_id)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": OrderedDict()}
+
+    @property
+    def stack_paths(self) -> list[Path]:
+        return [header.path for header in self._headers]
+
+    def read(self, indices) -> np.ndarray:
+        """Images of table rows ``indices`` (0-based, any order, repeats allowed) as float32 (k, N, N)."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"particle index out of range 0..{len(self) - 1}")
+        order = np.argsort(rows, kind="stable")
+        stacks, slices = self._stack_id[rows[order]], self._slice[rows[order]]
+        breaks = np.flatnonzero((np.diff(stacks) != 0) | (np.diff(slices) != 1)) + 1
+        out = np.empty((rows.size, self.box, self.box), dtype=np.float32)
+        runs = zip(np.r_[0, breaks], np.r_[breaks, rows.size], strict=True) if rows.size else ()
+        for start, stop in runs:
+            first, stack = int(slices[start]), int(stacks[start])
+            run = read_sections(self._headers[stack], self._file(stack), first, stop - start)
+            finite = np.isfinite(run).all(axis=(1, 2))
+            if not finite.all():
+                bad = first + int(np.flatnonzero(~finite)[0]) + 1
+                raise InputError(self._headers[stack].path, f"image {bad} contains NaN or inf pixels")
+            out[order[start:stop]] = run
+        return out
+
+    def _file(self, stack: int):
+        if stack in self._files:
+            self._files.move_to_end(stack)
+        else:
+            if len(self._files) >= _OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+            self._files[stack] = open(self._headers[stack].path, "rb", buffering=0)  # closed by close()
+        return self._files[stack]
+
+    def close(self) -> None:
+        while self._files:
+            self._files.popitem()[1].close()
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_particles(path, datadir=None) -> Particles:
+    """Open a STAR file (RELION 3.0-5.0) or a plain MRC/MRCS stack, validating all references."""
+    path = Path(path)
+    if path.suffix.lower() != ".star":
+        return _open_plain_stack(path)
+    star = read_star(path)
+    block = particles_block(star)
+    names = star[block]["rlnImageName"]
+    if names.empty:
+        raise InputError(path, f"data_{block} lists no particles")
+    index, stack_names = _parse_image_names(star, block, names)
+    stack_id, unique_names = pd.factorize(stack_names)
+    resolver = _Resolver(path, Path(datadir) if datadir else None)
+    first_rows = np.unique(stack_id, return_index=True)[1]
+    headers = [read_mrc_header(resolver.resolve(name, int(row)))
+               for name, row in zip(unique_names, first_rows, strict=True)]
+    _check_stacks(star, block, headers, list(unique_names), stack_id, index)
+    warn_unstamped(headers)
+    table = to_relion31(star, headers[0].shape[1], headers[0].pixel_size)
+    return Particles(table, particles_block(table), headers, stack_id.astype(np.int32), index - 1)
+
+
+def _open_plain_stack(path: Path) -> Particles:
+    header = read_mrc_header(path)
+    warn_unstamped([header])
+    count, rows, cols = header.shape
+    if rows != cols:
+        raise InputError(path, f"images are {cols}x{rows}, not square")
+    absolute = os.path.abspath(path)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"]})
+    particles = pd.DataFrame({"rlnImageName": [f"{i:06d}@{absolute}" for i in range(1, count + 1)],
+                              "rlnOpticsGroup": np.ones(count, dtype=np.int64)})
+    table = new_relion31_star(optics, particles)
+    table.path = path  # names the stack in messages about the table
+    table = to_relion31(table, cols, header.pixel_size)
+    return Particles(table, "particles", [header], np.zeros(count, dtype=np.int32), np.arange(count))
+
+
+def _parse_image_names(star: StarFile, block: str, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """'000012@Extract/x.mrcs' -> (12, 'Extract/x.mrcs'); a name without '@' is image 1 of that file."""
+    parts = names.str.partition("@")
+    has_at = (parts[1] == "@").to_numpy()
+    index_text = parts[0].where(has_at, "1")
+    stack_names = parts[2].where(has_at, parts[0]).to_numpy(dtype=object)
+    not_digits = np.flatnonzero(~index_text.str.fullmatch(r"\d+").to_numpy(dtype=bool) | (stack_names == ""))
+    if not_digits.size:
+        row = int(not_digits[0])
+        raise InputError(star.path, f"data_{block} row {row + 1}: bad _rlnImageName {names.iloc[row]!r} "
+                         "(expected index@stack)")
+    index = index_text.astype(np.int64).to_numpy()
+    zero = np.flatnonzero(index < 1)
+    if zero.size:
+        row = int(zero[0])
+        raise InputError(star.path, f"data_{block} row {row + 1}: image index 0 in {names.iloc[row]!r} "
+                         "(RELION counts images from 1)")
+    return index, stack_names
+
+
+class _Resolver:
+    """Find a stack named in a STAR file.
+
+    With ``datadir``: datadir/name, then datadir/basename.  Without: relative to the STAR file's folder,
+    then to each folder above it (RELION writes paths relative to the project folder, usually two levels
+    above a job's STAR file), then to the working directory.  The folder that worked last is tried first.
+    """
+
+    def __init__(self, star_path: Path, datadir: Path | None):
+        self.star_path, self.datadir = star_path, datadir
+        folder = star_path.parent.absolute()
+        self.bases = list(dict.fromkeys([folder, *folder.parents, Path.cwd()]))
+
+    def resolve(self, name: str, row: int) -> Path:
+        if self.datadir is not None:
+            candidates = [(self.datadir, name), (self.datadir, Path(name).name)]
+        else:  # an absolute name ignores the base
+            candidates = [(base, name) for base in self.bases]
+        for base, relative in candidates:
+            if (base / relative).is_file():
+                if self.datadir is None:
+                    self.bases.insert(0, self.bases.pop(self.bases.index(base)))
+                return base / relative
+        where = f"in {self.datadir}" if self.datadir else f"near {self.star_path.parent} or its parents"
+        raise InputError(self.star_path, f"row {row + 1}: stack {name!r} not found {where} (see --datadir)")
+
+
+def _check_stacks(star: StarFile, block: str, headers: list[MrcHeader], names: list[str],
+                  stack_id: np.ndarray, index: np.ndarray) -> None:
+    box = headers[0].shape[1]
+    for header, name in zip(headers, names, strict=True):
+        count, rows, cols = header.shape
+        if rows != cols:
+            raise InputError(header.path, f"images are {cols}x{rows}, not square")
+        if rows != box:
+            raise InputError(star.path, f"stack {name!r} holds {cols}x{rows} images but {names[0]!r} holds "
+                             f"{box}x{box}; all particles must share one box size")
+    counts = np.array([header.shape[0] for header in headers])
+    past_end = np.flatnonzero(index > counts[stack_id])
+    if past_end.size:
+        row = int(past_end[0])
+        raise InputError(star.path, f"data_{block} row {row + 1}: image {index[row]} is past the end of "
+                         f"{names[stack_id[row]]!r} ({counts[stack_id[row]]} images)")
+
+
+def relion_path(path) -> str:
+    """``path`` as RELION names files: relative to the working (project) folder if inside, else absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)

@@ -1,0 +1,193 @@
+"""Group-convolutional encoder (paper section 3.3.1).
+
+One large-kernel group convolution over P_r = translations x r discrete rotations (escnn ``rot2dOnR2(N=r)``,
+trivial input field -> ``fields`` regular fields), LeakyReLU, then three 1x1 group convolutions. The last one
+outputs, for every position (i, j) and discrete rotation r', the parameters of the approximate posterior:
+the attention logit a(y)_{i,j,r'}, mu_theta, log sigma_theta, mu_z, log sigma_z (and, with sub-pixel
+translation, a per-cell translation offset). Those are regular fields, so rotating the input by one group
+element permutes the rotation axis cyclically and rotates the map: the posterior is equivariant by
+construction.
+
+Translation grid. Output cell (i, j) is the response of the filter centred on input pixel
+    row = i - padding + (kernel - 1) / 2,   col = j - padding + (kernel - 1) / 2,
+and its translation in the generator frame is t = ((col - N//2) / (N/2), (row - N//2) / (N/2)), the same frame in
+which the generator places pixel (row, col) (``tvae_em.model.generator.pixel_coordinates``). With an even kernel
+the cells sit on half pixels; the mapping stays exact.
+
+Speed. The layers run as plain torch ops on the filters escnn expands (``plain_group_conv``): the big-kernel
+convolution in channels-last layout and the 1x1 group convolutions as matrix products over the channel axis of
+that layout. The result is the same convolution as escnn's own modules (``escnn_forward = True``, the reference
+it is tested against), but oneDNN's 1x1 convolution backward in bfloat16 is ~100x slower than the matrix
+product on CPU (benchmarks/RESULTS.md, "Throughput").
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from escnn import gspaces
+from escnn import nn as enn
+from torch import nn
+
+_DENORMAL = 1e-20  # escnn's sampled filter bases hold denormal floats that slow CPU convolutions ~1.6x
+_SLOPE = 0.01  # negative slope of escnn's LeakyReLU (its default), reproduced by the plain-torch path
+
+
+@dataclass
+class EncoderOutput:
+    """Per-cell posterior parameters, each shaped (B, [C,] R, M, M): R discrete rotations, M x M positions."""
+
+    logits: torch.Tensor  # a(y): (B, R, M, M)
+    theta_mu: torch.Tensor  # mu_theta without the 2 pi r'/r offset: (B, R, M, M)
+    theta_logstd: torch.Tensor  # (B, R, M, M)
+    z_mu: torch.Tensor  # (B, Z, R, M, M)
+    z_logstd: torch.Tensor  # (B, Z, R, M, M)
+    shift_mu: torch.Tensor | None = None  # sub-pixel offset in the frame of rotation r': (B, 2, R, M, M)
+    shift_logstd: torch.Tensor | None = None  # isotropic, so rotation-invariant: (B, R, M, M)
+
+
+class GroupConvEncoder(nn.Module):
+    """y (B, 1, N, N) -> EncoderOutput. See the module docstring for the layers and the grid."""
+
+    def __init__(self, rotations: int, z_dim: int, fields: int = 128, kernel: int = 28, padding: int = 8,
+                 subpixel: bool = False):
+        super().__init__()
+        self.rotations, self.z_dim, self.kernel, self.padding = rotations, z_dim, kernel, padding
+        self.subpixel = subpixel
+        self.gspace = gspaces.rot2dOnR2(N=rotations)
+        n_out = 3 + 2 * z_dim + (3 if subpixel else 0)
+        self.in_type = enn.FieldType(self.gspace, [self.gspace.trivial_repr])
+        hidden = enn.FieldType(self.gspace, fields * [self.gspace.regular_repr])
+        self.out_type = enn.FieldType(self.gspace, n_out * [self.gspace.regular_repr])
+        self.net = enn.SequentialModule(
+            enn.R2Conv(self.in_type, hidden, kernel_size=kernel, padding=padding),
+            enn.LeakyReLU(hidden, negative_slope=_SLOPE, inplace=True),
+            enn.R2Conv(hidden, hidden, kernel_size=1),
+            enn.LeakyReLU(hidden, negative_slope=_SLOPE, inplace=True),
+            enn.R2Conv(hidden, hidden, kernel_size=1),
+            enn.LeakyReLU(hidden, negative_slope=_SLOPE, inplace=True),
+            enn.R2Conv(hidden, self.out_type, kernel_size=1),
+        )
+        _flush_denormal_bases(self.net)
+        self._exported = None
+        self.escnn_forward = False  # True: run escnn's modules (the reference for the plain-torch path)
+
+    def grid_size(self, image_size: int) -> int:
+        return image_size + 2 * self.padding - self.kernel + 1
+
+    def grid(self, image_size: int) -> torch.Tensor:
+        """Translation of every output cell in the generator frame, (M, M, 2) as (x, y); see module docstring."""
+        m = self.grid_size(image_size)
+        centre_px = torch.arange(m, dtype=torch.float64) - self.padding + (self.kernel - 1) / 2
+        coord = ((centre_px - image_size // 2) / (image_size / 2)).float()
+        rows, cols = torch.meshgrid(coord, coord, indexing="ij")
+        return torch.stack([cols, rows], dim=-1)
+
+    def export(self) -> None:
+        """Freeze the expanded filters for inference (plain torch convolutions, no filter expansion per call).
+
+        Call after training; ``train()`` drops the exported copy so training expands the filters again.
+        """
+        self.net.eval()
+        self._exported = self.net.export()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._exported = None
+        return super().train(mode)
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        if self.escnn_forward:
+            out = self.net(enn.GeometricTensor(images, self.in_type)).tensor
+        else:
+            out = plain_group_conv(images, self._filters(), self.padding)
+        b, _, m, _ = out.shape
+        # escnn lays out regular fields contiguously: channel = field * R + rotation element.
+        fields = out.view(b, -1, self.rotations, m, m)
+        z = self.z_dim
+        result = EncoderOutput(
+            logits=fields[:, 0], theta_mu=fields[:, 1], theta_logstd=fields[:, 2],
+            z_mu=fields[:, 3:3 + z], z_logstd=fields[:, 3 + z:3 + 2 * z],
+        )
+        if self.subpixel:
+            result.shift_mu = fields[:, 3 + 2 * z:5 + 2 * z]
+            result.shift_logstd = fields[:, 5 + 2 * z]
+        return result
+
+
+    def _filters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(filter, bias) of every layer as escnn expands them: frozen after ``export``, cached by escnn in eval
+        mode, expanded from the trainable weights (differentiably) in training mode."""
+        if self._exported is not None:
+            return [(m.weight, m.bias) for m in self._exported if isinstance(m, nn.Conv2d)]
+        convs = [m for m in self.net if isinstance(m, enn.R2Conv)]
+        return [conv.expand_parameters() if conv.training else (conv.filter, conv.expanded_bias) for conv in convs]
+
+
+def plain_group_conv(images: torch.Tensor, filters: list, padding: int) -> torch.Tensor:
+    """The encoder's layers on expanded filters: big-kernel conv, then LeakyReLU + 1x1 conv three times.
+
+    Channels-last layout throughout: the first convolution writes (B, M, M, C) memory, on which each 1x1 group
+    convolution is one matrix product (``F.linear``) over the channel axis. Activations are applied in place on
+    whole tensors (never on views, which would make autograd copy their gradients back into the base), so
+    autograd keeps one tensor per layer. Returns (B, C_out, M, M).
+    """
+    (first, first_bias), *pointwise = filters
+    # .to, not .contiguous: with one input channel both layouts count as contiguous, and only explicit
+    # channels-last strides make the convolution write channels-last output
+    images, first = images.to(memory_format=torch.channels_last), first.to(memory_format=torch.channels_last)
+    if images.device.type == "cpu" and torch.is_grad_enabled() and first.requires_grad:
+        h = _BigKernelConv.apply(images, first, first_bias, padding)
+    else:
+        h = F.conv2d(images, first, first_bias, padding=padding)
+    b, _, m, _ = h.shape
+    h = F.leaky_relu(h, _SLOPE, inplace=True).permute(0, 2, 3, 1).reshape(b * m * m, -1)  # a view: (B M M, C)
+    for i, (weight, bias) in enumerate(pointwise):
+        h = F.linear(h, weight.flatten(1), bias)
+        if i < len(pointwise) - 1:
+            h = F.leaky_relu(h, _SLOPE, inplace=True)
+    return h.view(b, m, m, -1).permute(0, 3, 1, 2).contiguous()
+
+
+class _BigKernelConv(torch.autograd.Function):
+    """``F.conv2d`` whose filter gradient is a matrix product over unfolded input patches (CPU only).
+
+    oneDNN's filter gradient for one input channel and a kernel of half the box is 2-4x slower than the
+    convolution itself (bfloat16 and float32); the patches of a few images at a time turn it into one
+    well-shaped matrix product. The images need no gradient (they are data); the filter and bias get exact ones.
+    Under autocast the inputs are cast as ``F.conv2d`` would cast them, and the gradients are returned to them.
+    """
+
+    @staticmethod
+    def forward(ctx, images, weight, bias, padding):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        with torch.autocast("cpu", enabled=False):
+            images = images.to(dtype, memory_format=torch.channels_last)
+            weight = weight.to(dtype, memory_format=torch.channels_last)
+            bias = None if bias is None else bias.to(dtype)
+            ctx.save_for_backward(images)
+            ctx.padding, ctx.kernel, ctx.dtypes = padding, weight.shape[-1], (weight.dtype, bias is not None)
+            return F.conv2d(images, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (images,) = ctx.saved_tensors
+        dtype, has_bias = ctx.dtypes
+        grad = grad.to(dtype)
+        k, channels, patch = ctx.kernel, grad.shape[1], images.shape[1] * ctx.kernel ** 2
+        chunk = max(1, (1 << 22) // (patch * grad.shape[2] * grad.shape[3]))  # ~4M unfolded values at a time
+        weight_grad = torch.zeros(channels, patch, dtype=torch.float32, device=grad.device)
+        for start in range(0, len(images), chunk):
+            patches = F.unfold(images[start:start + chunk], k, padding=ctx.padding)  # (c, C_in K^2, M^2)
+            rows = grad[start:start + chunk].permute(0, 2, 3, 1).reshape(-1, channels)  # (c M^2, C)
+            weight_grad += (rows.t() @ patches.transpose(1, 2).reshape(-1, patch)).float()
+        bias_grad = grad.float().sum((0, 2, 3)).to(dtype) if has_bias else None
+        return None, weight_grad.view(channels, -1, k, k).to(dtype), bias_grad, None
+
+
+def _flush_denormal_bases(module: nn.Module) -> None:
+    """Zero the tiny entries of escnn's sampled filter bases once (keeps 90-degree equivariance exact)."""
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name.endswith("sampled_basis"):
+                buffer[buffer.abs() < _DENORMAL] = 0.0

@@ -1,0 +1,169 @@
+"""TARGET-VAE: encoder + approximate posterior + spatial generator, and the ELBO of equation 6.
+
+    ELBO(y) = E_{(z, theta, t) ~ q}[ log p(y | z, theta, t) ] - KL(q(z, theta, t, r | y) || p(z, theta, t, r))
+
+with the reconstruction term estimated from one Gumbel-softmax / reparameterised sample (section 3.3.1) and
+the KL in closed form (eq. 5, ``posterior.kl_divergence``).
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tvae_em.model import posterior
+from tvae_em.model.encoder import GroupConvEncoder
+from tvae_em.model.generator import SpatialGenerator, pixel_coordinates, transform_coordinates
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; saved in every checkpoint."""
+
+    image_size: int
+    rotations: int = 8
+    z_dim: int = 2
+    encoder_fields: int = 128
+    encoder_kernel: int | None = None  # None: 28/50 of the box, the paper's MNIST ratio (kernel > object)
+    encoder_padding: int | None = None  # None: 8/50 of the box
+    generator_width: int = 512
+    generator_depth: int = 2
+    fourier_features: int = 1024
+    fourier_scale: float = 3.0
+    likelihood: str = "bernoulli"
+    gaussian_std: float | None = None  # fixed pixel noise std; learned when None
+    translation_prior_std: float = 5.0  # pixels
+    rotation_prior: str = "uniform"
+    rotation_prior_std: float = math.pi / 4
+    theta_prior_std: float | None = None  # pi / rotations when None (the paper's choice)
+    subpixel: bool = False
+    shift_prior_std: float = 0.5  # pixels, sub-pixel offsets only
+    temperature: float = 1.0  # Gumbel-softmax
+
+    def __post_init__(self):
+        if self.encoder_kernel is None:
+            self.encoder_kernel = max(3, round(self.image_size * 28 / 50))
+        if self.encoder_padding is None:
+            self.encoder_padding = round(self.image_size * 8 / 50)
+
+    def priors(self) -> posterior.Priors:
+        return posterior.Priors(
+            rotations=self.rotations, translation_std_px=self.translation_prior_std,
+            rotation_prior=self.rotation_prior, rotation_prior_std_rad=self.rotation_prior_std,
+            theta_std_rad=self.theta_prior_std, shift_std_px=self.shift_prior_std)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ElboTerms:
+    """Batch means of eq. 6 and its parts (per image); ``loss`` is -elbo."""
+
+    elbo: torch.Tensor
+    reconstruction: torch.Tensor  # E_q log p(y | z, theta, t)
+    kl: posterior.KLTerms = field(repr=False)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return -self.elbo
+
+    def scalars(self) -> dict:
+        """Per-image means as floats, for logs."""
+        return {"elbo": self.elbo.item(), "reconstruction": self.reconstruction.item(),
+                "kl_tr": self.kl.tr.mean().item(), "kl_theta": self.kl.theta.mean().item(),
+                "kl_z": self.kl.z.mean().item(), "kl_shift": self.kl.shift.mean().item()}
+
+
+@dataclass
+class PoseEstimate:
+    """The most probable cell of q(t, r | y) and what it implies (inference, no sampling)."""
+
+    z_mu: torch.Tensor  # (B, Z)
+    z_std: torch.Tensor  # (B, Z)
+    theta: torch.Tensor  # (B,) radians in [0, 2 pi): mu_theta + 2 pi r'/R at the cell
+    t: torch.Tensor  # (B, 2) generator frame: grid position (+ sub-pixel offset)
+    entropy: torch.Tensor  # (B,) entropy of q(t, r | y), nats
+    rotation_mass: torch.Tensor  # (B, R) sum over t of q(t, r | y): exposes rotational symmetry
+    max_prob: torch.Tensor  # (B,) q of the chosen cell
+
+
+class TargetVAE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
+        self.config = config
+        self.encoder = GroupConvEncoder(config.rotations, config.z_dim, config.encoder_fields,
+                                        config.encoder_kernel, config.encoder_padding, config.subpixel)
+        self.generator = SpatialGenerator(config.z_dim, config.generator_width, config.generator_depth,
+                                          config.fourier_features, config.fourier_scale, out_channels=1)
+        if config.likelihood == "gaussian" and config.gaussian_std is None:
+            self.log_sigma = nn.Parameter(torch.zeros(()))
+        n = config.image_size
+        self.register_buffer("coords", pixel_coordinates(n), persistent=False)
+        self.register_buffer("grid", self.encoder.grid(n), persistent=False)
+        self.register_buffer("log_p_tr", posterior.log_prior_tr(config.priors(), self.grid, n),
+                             persistent=False)
+
+    # --- equation 6 -------------------------------------------------------------------------------------
+    def elbo(self, images: torch.Tensor, generator: torch.Generator | None = None) -> ElboTerms:
+        """Equation 6 averaged over the batch. images: (B, N, N) or (B, 1, N, N)."""
+        images = images.reshape(images.shape[0], 1, *images.shape[-2:])
+        enc = self.encoder(images)
+        log_q = posterior.log_q_tr(enc)
+        kl = posterior.kl_divergence(enc, log_q, self.log_p_tr, self.config.priors(), self.config.image_size)
+        draw = posterior.sample(enc, log_q, self.grid, self.config.temperature, generator)
+        out = self.generator(transform_coordinates(self.coords, draw.theta, draw.t), draw.z)
+        recon = self.log_likelihood(images.flatten(1), out[..., 0].float())
+        return ElboTerms(elbo=(recon - kl.total).mean(), reconstruction=recon.mean(), kl=kl)
+
+    def log_likelihood(self, pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Equation 1: sum over pixels of log p(y_i | ...), per image. params are logits or means."""
+        if self.config.likelihood == "bernoulli":
+            return -F.binary_cross_entropy_with_logits(params, pixels, reduction="none").sum(1)
+        log_sigma = self.log_sigma if hasattr(self, "log_sigma") else math.log(self.config.gaussian_std)
+        log_sigma = torch.as_tensor(log_sigma, device=pixels.device)
+        resid = (pixels - params) / log_sigma.exp()
+        return (-0.5 * resid ** 2 - log_sigma - 0.5 * math.log(2 * math.pi)).sum(1)
+
+    # --- inference ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> PoseEstimate:
+        """Most probable (t, r) cell and its mu_z, mu_theta + offset and grid position (+ offset)."""
+        images = images.reshape(images.shape[0], 1, *images.shape[-2:])
+        enc = self.encoder(images)
+        log_q = posterior.log_q_tr(enc)
+        b, r, m, _ = log_q.shape
+        flat = log_q.reshape(b, -1)
+        best = flat.argmax(1)
+        rot, row, col = best // (m * m), (best // m) % m, best % m
+        batch = torch.arange(b, device=images.device)
+        pick = lambda cell: cell[batch, ..., rot, row, col]  # noqa: E731  (B, [C,] R, M, M) -> (B, [C])
+        theta = pick(enc.theta_mu.float()) + rot.float() * (2 * math.pi / r)
+        t = self.grid[row, col]
+        if enc.shift_mu is not None:
+            t = t + pick(posterior.rotate_shift(enc.shift_mu.float()))
+        q = flat.exp()
+        return PoseEstimate(
+            z_mu=pick(enc.z_mu.float()), z_std=pick(posterior.std(enc.z_logstd)),
+            theta=torch.remainder(theta, 2 * math.pi), t=t,
+            entropy=-(q * flat).sum(1), rotation_mass=q.view(b, r, -1).sum(-1), max_prob=q.max(1).values)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, theta: torch.Tensor | None = None, t: torch.Tensor | None = None,
+               image_size: int | None = None) -> torch.Tensor:
+        """Images (B, N, N) for content z with pose (theta, t): Bernoulli means or Gaussian means."""
+        n = image_size or self.config.image_size
+        b = z.shape[0]
+        theta = torch.zeros(b, device=z.device) if theta is None else theta
+        t = torch.zeros(b, 2, device=z.device) if t is None else t
+        coords = self.coords if n == self.config.image_size else pixel_coordinates(n, z.device)
+        out = self.generator(transform_coordinates(coords, theta, t), z)[..., 0].float()
+        if self.config.likelihood == "bernoulli":
+            out = torch.sigmoid(out)
+        return out.view(b, n, n)

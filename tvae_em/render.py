@@ -1,0 +1,232 @@
+"""Draw images with the trained spatial generator (paper section 3.3.2) at chosen latents and poses.
+
+Latents come from an array, a file (npy, npz, csv or an embedded STAR with ``_tvaeZ`` columns), the cluster
+means of an embedded STAR, or a regular n x n traversal of a 2-D latent space. Every image is drawn with the
+same pose: the generator evaluated at x' = R(theta) (x - t), so the object appears rotated by -theta with its
+centre at ``shift_px``; the written STAR records that pose in RELION's convention (``tvae_em.poses``).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tvae_em import plots
+from tvae_em.checkpoint import load_model
+from tvae_em.device import resolve_device
+from tvae_em.errors import InputError, UsageError
+from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, particle_pixel_sizes
+from tvae_em.io.stack import relion_path, write_stack
+from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
+from tvae_em.poses import model_to_relion
+
+CLUSTER_COLUMN = "tvaeCluster"
+# A traversal without given points spans +-2 prior standard deviations of p(z) = N(0, I).
+PRIOR_SPAN_STD = 2.0
+# A traversal over given points spans these percentiles, so that a few outliers do not stretch it.
+GRID_PERCENTILES = (1.0, 99.0)
+STACK_NAME, STAR_NAME, MONTAGE_NAME = "rendered.mrcs", "rendered.star", "montage.png"
+
+
+def z_columns(z_dim: int, prefix: str = "tvaeZ") -> list[str]:
+    """STAR labels of the latent dimensions: tvaeZ01, tvaeZ02, ... (wider numbers for >= 100 dims)."""
+    width = max(2, len(str(z_dim)))
+    return [f"{prefix}{k:0{width}d}" for k in range(1, z_dim + 1)]
+
+
+def decode_at(model, z, theta_rad=None, t_model=None, batch_size=256) -> np.ndarray:
+    """Generator images (k, N, N) at latents z (k, Z) with pose (theta, t), default centred and unrotated."""
+    device = next(model.parameters()).device
+    model.eval()
+    k, size = len(z), model.config.image_size
+    theta_rad = np.broadcast_to(0.0 if theta_rad is None else theta_rad, (k,))
+    t_model = np.broadcast_to(np.zeros(2) if t_model is None else t_model, (k, 2))
+
+    def batch(values, start):
+        return torch.as_tensor(np.asarray(values[start:start + batch_size], np.float32), device=device)
+
+    images = np.empty((k, size, size), np.float32)
+    for start in range(0, k, batch_size):
+        drawn = model.decode(batch(z, start), batch(theta_rad, start), batch(t_model, start))
+        images[start:start + batch_size] = drawn.float().cpu().numpy()
+    return images
+
+
+@dataclass
+class Latents:
+    """What to draw: latents (k, Z), their cluster numbers when they are cluster centres, and the pixel size
+    of the particles they came from (when a STAR file tells it)."""
+
+    z: np.ndarray
+    clusters: np.ndarray | None = None
+    apix: float | None = None
+
+
+def render(run_dir, out_dir, z=None, z_file=None, grid=None, theta_deg=0.0, shift_px=(0.0, 0.0),
+           centers_from=None, device="auto", apix=None, batch_size=256) -> Path:
+    """Decode latents into ``out_dir/rendered.mrcs``, ``rendered.star`` (one row per image with its
+    ``_tvaeZ..`` columns and pose) and ``montage.png``; returns the STAR path.
+
+    Latents: ``z`` (k, Z), ``z_file``, or ``centers_from`` (each ``_tvaeCluster``'s mean latent, ordered by
+    cluster number). ``grid`` = n draws an n x n traversal of a 2-D latent space over the 1st-99th percentile
+    range of the given points, or +-2 std of the prior without them; it is laid out row-major with z2
+    decreasing downwards, as in a plot. ``apix`` (Å/px) labels the images; by default the (uniform) pixel
+    size of a given STAR file, else 1.
+    """
+    model, _ = load_model(run_dir, map_location=resolve_device(device))
+    source = choose_latents(model.config.z_dim, z, z_file, grid, centers_from)
+    apix = float(apix or source.apix or DEFAULT_PIXEL_SIZE)
+    theta_rad = np.radians(float(theta_deg))
+    t_model = np.asarray(shift_px, dtype=np.float64) / (model.config.image_size / 2)
+    images = decode_at(model, source.z, theta_rad, t_model, batch_size)
+    out_dir = Path(out_dir)
+    write_stack(out_dir / STACK_NAME, images, apix)
+    star_path = out_dir / STAR_NAME
+    write_star(star_path, rendered_star(source, theta_rad, t_model, images.shape[-1], apix,
+                                        relion_path(out_dir / STACK_NAME)))
+    titles = None if source.clusters is None else [f"cluster {c}" for c in source.clusters]
+    plots.montage_figure(out_dir / MONTAGE_NAME, images, titles, columns=grid)
+    return star_path
+
+
+def choose_latents(z_dim, z=None, z_file=None, grid=None, centers_from=None) -> Latents:
+    """The latents to draw, from exactly one source (``grid`` may use ``z`` or ``z_file`` for its range)."""
+    if sum(source is not None for source in (z, z_file, centers_from)) > 1:
+        raise UsageError("give at most one of z, a latent file and an embedded STAR for cluster centres")
+    if centers_from is not None:
+        if grid is not None:
+            raise UsageError("a grid traversal cannot be combined with cluster centres")
+        return cluster_centres(centers_from, z_dim)
+    points = load_latents(z_file, z_dim) if z_file is not None else None
+    if z is not None:
+        points = Latents(_checked_latents(z, z_dim, "z"))
+    if grid is not None:
+        return Latents(traversal(None if points is None else points.z, grid, z_dim),
+                       apix=None if points is None else points.apix)
+    if points is None:
+        raise UsageError("nothing to render: give latents, a latent file, cluster centres or a grid")
+    return points
+
+
+def traversal(points, n, z_dim) -> np.ndarray:
+    """n x n latents on a regular grid over a 2-D latent space, row-major, z2 decreasing along rows."""
+    if z_dim != 2:
+        raise UsageError(f"a grid traversal needs a 2-D latent space; this model has {z_dim} dimensions")
+    if n < 1:
+        raise UsageError(f"grid size must be at least 1, got {n}")
+    if points is None:
+        low, high = np.full(2, -PRIOR_SPAN_STD), np.full(2, PRIOR_SPAN_STD)
+    else:
+        low, high = np.percentile(points, GRID_PERCENTILES, axis=0)
+    z1 = np.linspace(low[0], high[0], n)
+    z2 = np.linspace(high[1], low[1], n)
+    rows, cols = np.meshgrid(z2, z1, indexing="ij")
+    return np.column_stack([cols.ravel(), rows.ravel()])
+
+
+def load_latents(path, z_dim) -> Latents:
+    """Latents (k, Z) from .npy, .npz (array 'z_mu' or 'z', or its only array), .csv (optionally with a
+    header line) or a STAR file with ``_tvaeZ01..`` columns."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    if suffix == ".star":
+        star, block = _latent_table(path, z_dim)
+        return Latents(_star_latents(star, block, z_dim), apix=_uniform_pixel_size(star, block))
+    if suffix in (".npy", ".npz"):
+        return Latents(_checked_latents(_load_numpy(path), z_dim, path))
+    if suffix in (".csv", ".txt"):
+        return Latents(_checked_latents(_load_csv(path), z_dim, path))
+    raise InputError(path, "unknown latent file type; use .npy, .npz, .csv or .star")
+
+
+def cluster_centres(star_path, z_dim) -> Latents:
+    """Mean ``_tvaeZ`` latent of each ``_tvaeCluster`` of an embedded STAR, in cluster order."""
+    star, block = _latent_table(star_path, z_dim)
+    z = _star_latents(star, block, z_dim)
+    labels = numeric_column(star, block, CLUSTER_COLUMN).astype(np.int64)
+    clusters = np.unique(labels)
+    centres = np.stack([z[labels == c].mean(0) for c in clusters])
+    return Latents(centres, clusters, _uniform_pixel_size(star, block))
+
+
+def _latent_table(path, z_dim):
+    star = read_star(path)
+    return star, _latent_block(star, z_dim)
+
+
+def _star_latents(star, block, z_dim) -> np.ndarray:
+    z = np.column_stack([numeric_column(star, block, name) for name in z_columns(z_dim)])
+    return _checked_latents(z, z_dim, star.path)
+
+
+def _uniform_pixel_size(star, block) -> float | None:
+    """The particles' pixel size if the STAR file has optics and all particles share one, else None."""
+    if "optics" not in star or "rlnImagePixelSize" not in star["optics"].columns:
+        return None
+    sizes = np.unique(particle_pixel_sizes(star, block))
+    return float(sizes[0]) if len(sizes) == 1 else None
+
+
+def _latent_block(star, z_dim) -> str:
+    wanted = set(z_columns(z_dim))
+    for name, block in star.blocks.items():
+        if block.loop and wanted <= set(block.data.columns):
+            return name
+    raise InputError(star.path, f"no table with the {z_dim} latent columns _{z_columns(z_dim)[0]}.. of "
+                                f"this model (embed the particles with it first)")
+
+
+def _load_numpy(path) -> np.ndarray:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read: {err}") from None
+    if isinstance(data, np.ndarray):
+        return data
+    with data:
+        names = [k for k in ("z_mu", "z") if k in data.files] or (data.files if len(data.files) == 1 else [])
+        if not names:
+            raise InputError(path, f"no array 'z_mu' or 'z' among {', '.join(data.files) or 'none'}")
+        return data[names[0]]
+
+
+def _load_csv(path) -> np.ndarray:
+    try:
+        table = pd.read_csv(path, header=None, comment="#", skipinitialspace=True)
+        if not table.empty and pd.to_numeric(table.iloc[0], errors="coerce").isna().any():
+            table = pd.read_csv(path, header=0, comment="#", skipinitialspace=True)
+        return table.apply(pd.to_numeric, errors="raise").to_numpy(dtype=np.float64)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(path, f"not a numeric CSV table: {err}") from None
+
+
+def _checked_latents(values, z_dim, origin) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1 and len(values) == z_dim:
+        values = values[None]
+    if values.ndim != 2 or values.shape[1] != z_dim or not len(values):
+        raise InputError(origin, f"need latents shaped (k, {z_dim}) for this model, got {values.shape}")
+    if not np.isfinite(values).all():
+        raise InputError(origin, "latents contain NaN or infinity")
+    return values
+
+
+def rendered_star(source: Latents, theta_rad, t_model, box, apix, stack_name):
+    """RELION 3.1 table for the rendered stack: one optics group, one row per image with pose and latents.
+    ``stack_name`` is the stack as RELION should find it (relative to the project folder, or absolute)."""
+    k = len(source.z)
+    psi_deg, origin_x, origin_y = model_to_relion(np.full(k, theta_rad), np.tile(t_model, (k, 1)), box, apix)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [apix], "rlnImageSize": [box], "rlnImageDimensionality": [2]})
+    particles = pd.DataFrame({"rlnImageName": [f"{i:06d}@{stack_name}" for i in range(1, k + 1)],
+                              "rlnOpticsGroup": np.ones(k, np.int64), "rlnAnglePsi": psi_deg,
+                              "rlnOriginXAngst": origin_x, "rlnOriginYAngst": origin_y})
+    for name, values in zip(z_columns(source.z.shape[1]), source.z.T, strict=True):
+        particles[name] = values
+    if source.clusters is not None:
+        particles[CLUSTER_COLUMN] = np.asarray(source.clusters, np.int64)
+    return new_relion31_star(optics, particles)

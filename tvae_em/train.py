@@ -1,0 +1,637 @@
+"""Training (paper section 4, implementation details) with exact resume, divergence and signal safety.
+
+Recipe: Adam with learning rate 2e-4, batches of 100, learning rate halved after 10 epochs without
+improvement, early stop after 20, at most 500 epochs. A random 10 % of the particles is held out (as in the
+EMPIAR-10025 experiment) and its -ELBO is the monitored loss; with ``val_fraction=0`` the training -ELBO
+is monitored instead.
+
+Reproducibility. The split, the data order of epoch e and the sampling noise of epoch e come from generators
+seeded by (seed, stream, e[, rank]), never from global random state, so a run resumed from the checkpoint of
+epoch e - 1 replays epoch e exactly as an uninterrupted run does (bit-identical on CPU). The global torch,
+CUDA, numpy and Python states are saved and restored as well, for any library code that draws from them.
+
+Interruption. SIGINT/SIGTERM set a flag that is checked after every batch: the epoch in progress is dropped
+(nothing of it is saved), completed epochs stay in ``checkpoint_last.pt``, and ``Interrupted`` is raised.
+A second signal stops at once. A NaN/inf loss or gradient raises ``TrainingDiverged`` before the optimiser
+step, so no non-finite parameter is ever written.
+
+Multi-GPU. Launched by ``torchrun`` (WORLD_SIZE > 1), every rank joins a process group (NCCL on CUDA, Gloo on
+CPU), the model is wrapped in DistributedDataParallel and every batch of the global order is split between
+the ranks, so the effective batch stays ``batch_size``. Only rank 0 writes files.
+
+Files in ``run_dir``, each written atomically (rank 0 only):
+    split.npz           0-based particle indices of the training and validation sets, written once
+    checkpoint_last.pt  everything needed to continue after the last complete epoch
+    checkpoint_best.pt  the same, for the epoch with the best monitored loss (what ``load_model`` returns)
+    log.csv             one row per epoch; reconstruction and KL columns are training-epoch means
+    learning_curve.png  training and validation ELBO, learning rate
+"""
+
+import csv
+import functools
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from tvae_em import checkpoint as ckpt
+from tvae_em.device import resolve_device
+from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
+from tvae_em.io.atomic import atomic_path
+from tvae_em.model import ModelConfig
+from tvae_em.plots import save_figure
+
+SPLIT_FILE = "split.npz"
+LOG_FILE = "log.csv"
+CURVE_FILE = "learning_curve.png"
+METRICS = ("elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift")
+LOG_COLUMNS = ("epoch", "train_elbo", "val_elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift",
+               "lr", "seconds")
+AMP_MODES = ("auto", "bf16", "off")
+
+# Independent random streams, each seeded by (seed, stream, ...).
+_SPLIT, _INIT, _ORDER, _NOISE, _VALIDATION = range(5)
+
+
+class Interrupted(TvaeError):
+    """SIGINT/SIGTERM stopped training; the completed epochs are kept in checkpoint_last.pt."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class TrainingDiverged(TvaeError):
+    """The loss or its gradient became NaN/inf; nothing of the failing epoch was saved."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; the defaults are the paper's recipe."""
+
+    batch_size: int = 100
+    epochs: int = 500  # maximum; early stopping usually ends the run before
+    lr: float = 2e-4
+    val_fraction: float = 0.1
+    seed: int = 0
+    patience_lr: int = 10  # epochs without improvement before the learning rate is multiplied by lr_factor
+    lr_factor: float = 0.5
+    early_stop: int = 20  # epochs without improvement before training stops
+    device: str = "auto"  # 'auto' (first CUDA GPU, else CPU), 'cpu', 'cuda', 'cuda:1', ...
+    amp: str = "auto"  # 'auto': bfloat16 autocast on CUDA and AMX-BF16 CPUs, else none; 'bf16': always; 'off': never
+    num_workers: int = 2  # processes reading batches ahead of the training loop
+    progress: bool = True  # tqdm bar per epoch and a summary line per epoch on stderr
+
+    # Settings that may change when a run is resumed; all others shape the trajectory and must stay.
+    RESUMABLE_CHANGES: ClassVar[tuple] = ("epochs", "device", "amp", "num_workers", "progress")
+
+    def __post_init__(self):
+        checks = [
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.lr > 0, "lr must be positive"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.patience_lr >= 0 and self.early_stop >= 1, "patience_lr must be >= 0 and early_stop >= 1"),
+            (0 < self.lr_factor < 1, "lr_factor must be in (0, 1)"),
+            (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise UsageError(problem)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """Where a run's files are and how it ended."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    epochs: int  # completed epochs
+    best_epoch: int
+    stop_reason: str  # 'early_stop' or 'max_epochs'
+    metrics: dict  # log row (LOG_COLUMNS) of the last epoch
+    best_metrics: dict  # log row of the best epoch
+
+
+def train(model_config: ModelConfig | None, train_config: TrainConfig, particles, run_dir,
+          resume: bool = False) -> TrainResult:
+    """Train a TARGET-VAE on ``particles`` (any object with ``len()`` and ``read(sorted indices) -> (k, N, N)
+    float32``) and write the run into ``run_dir``.
+
+    ``resume=True`` continues from ``checkpoint_last.pt`` (``model_config`` may then be None: the stored one
+    is used) and ends with the same parameters as an uninterrupted run; without a checkpoint it starts afresh.
+    A fresh run refuses a ``run_dir`` that already holds a checkpoint.
+
+    Raises Interrupted (SIGINT/SIGTERM), TrainingDiverged (NaN/inf loss), UsageError (impossible request or
+    resume mismatch), InputError (unreadable checkpoint) or TvaeError (unusable particle images); in every case
+    the files of completed epochs are kept intact.
+    """
+    device = resolve_device(train_config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    group = _ProcessGroup.start(device)
+    try:
+        with _SignalFlag() as signals:
+            return _Trainer(model_config, train_config, particles, Path(run_dir), resume, device, group,
+                            signals).run()
+    finally:
+        group.close()
+
+
+def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options: dict | None = None,
+                    datadir=None, resume: bool = False) -> TrainResult:
+    """``train`` on the particles of a RELION/Topaz STAR file; the model's image size is the particle box.
+
+    ``model_options`` are ModelConfig fields other than ``image_size``; when resuming without them the run's
+    stored configuration is used.
+    """
+    # imported here: train() itself works on any particle source, only this entry point reads STAR/MRCS
+    from tvae_em.io.stack import open_particles
+
+    particles = open_particles(star_path, datadir=datadir)
+    if resume and model_options is None:
+        model_config = None
+    else:
+        model_config = ModelConfig(image_size=particles.box, **(model_options or {}))
+    return train(model_config, train_config, particles, run_dir, resume=resume)
+
+
+def make_split(n_particles: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted 0-based (train, validation) indices; a seeded random ``val_fraction`` (>= 1) is held out."""
+    n_val = 0 if val_fraction == 0 else max(1, round(n_particles * val_fraction))
+    if n_particles - n_val < 1:
+        raise UsageError(f"{n_particles} particles are too few for a validation fraction of {val_fraction}")
+    order = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT])).permutation(n_particles)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def write_log(history: list[dict], path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_learning_curve(history: list[dict], best_epoch: int, path) -> None:
+    """ELBO per particle (training and validation) above the learning rate, both against the epoch."""
+    fig = Figure(figsize=(7, 5))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    epochs = [row["epoch"] for row in history]
+    top.plot(epochs, [row["train_elbo"] for row in history], label="training")
+    if not all(math.isnan(row["val_elbo"]) for row in history):
+        top.plot(epochs, [row["val_elbo"] for row in history], label="validation")
+    top.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+    top.set_ylabel("ELBO per particle (nats)")
+    top.legend()
+    bottom.semilogy(epochs, [row["lr"] for row in history], color="black")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("epoch")
+    save_figure(fig, path)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+class _Trainer:
+    """State of one run (model, optimiser, scheduler, counters, history) and the epoch loop over it."""
+
+    def __init__(self, model_config, config: TrainConfig, particles, run_dir: Path, resume: bool,
+                 device: torch.device, group: "_ProcessGroup", signals: "_SignalFlag"):
+        self.config, self.particles, self.run_dir = config, particles, run_dir
+        self.device, self.group, self.signals = device, group, signals
+        self.writes = group.rank == 0
+        self.amp = _amp_enabled(config.amp, device)
+        if not resume and (run_dir / ckpt.LAST).exists():
+            raise UsageError(f"{run_dir} already holds a training run: resume it or choose another directory")
+        checkpoint = self._checkpoint_to_resume() if resume else None
+        if resume and checkpoint is None and config.progress and self.writes:
+            tqdm.write(f"{run_dir} holds no completed epoch: starting from the beginning", file=sys.stderr)
+        if checkpoint is not None:
+            model_config = self._check_resumable(checkpoint, model_config)
+        elif model_config is None:
+            raise UsageError("a model configuration is needed to start a new run")
+        self.train_idx, self.val_idx = make_split(len(particles), config.val_fraction, config.seed)
+        self.model = ckpt.build_model(model_config, seed=_seed(config.seed, _INIT)).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        # threshold 0: any decrease counts as an improvement, as for early stopping
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=config.lr_factor, patience=config.patience_lr, threshold=0.0)
+        self.epoch, self.best_epoch, self.bad_epochs = 0, 0, 0
+        self.best_loss, self.stop_reason, self.history = math.inf, None, []
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.elbo = self.model.elbo
+        if group.world > 1:  # DDP only syncs gradients for calls through its forward()
+            self.elbo = DistributedDataParallel(_ElboForward(self.model), broadcast_buffers=False,
+                                                device_ids=[device] if device.type == "cuda" else None)
+
+    # --- resume -------------------------------------------------------------------------------------------
+    def _checkpoint_to_resume(self) -> dict | None:
+        if not self.run_dir.is_dir():
+            raise InputError(self.run_dir, "no such run directory to resume")
+        path = self.run_dir / ckpt.LAST
+        return ckpt.read_checkpoint(path) if path.exists() else None
+
+    def _check_resumable(self, checkpoint: dict, model_config) -> ModelConfig:
+        """The stored model configuration, after checking the request and the data against the run."""
+        path = self.run_dir / ckpt.LAST
+        stored_model = ckpt.model_config_from(checkpoint, path)
+        if model_config is not None:
+            _refuse_changes("model", stored_model.to_dict(), model_config.to_dict(), ())
+        _refuse_changes("training", checkpoint["train_config"], self.config.to_dict(),
+                        TrainConfig.RESUMABLE_CHANGES)
+        if checkpoint["n_particles"] != len(self.particles):
+            raise UsageError(f"{self.run_dir} was trained on {checkpoint['n_particles']} particles, "
+                             f"the input has {len(self.particles)}")
+        return stored_model
+
+    def _restore(self, checkpoint: dict) -> None:
+        ckpt.load_model_state(self.model, checkpoint["model_state"], self.run_dir / ckpt.LAST)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+        self.epoch, self.best_epoch = checkpoint["epoch"], checkpoint["best_epoch"]
+        self.bad_epochs, self.best_loss = checkpoint["bad_epochs"], checkpoint["best_loss"]
+        self.stop_reason, self.history = checkpoint["stop_reason"], checkpoint["history"]
+        ckpt.restore_rng_state(checkpoint["rng"])
+
+    def _state(self) -> dict:
+        return {
+            "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
+            "model_state": ckpt.model_state(self.model), "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(), "epoch": self.epoch,
+            "best_epoch": self.best_epoch, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs,
+            "stop_reason": self.stop_reason, "history": self.history, "n_particles": len(self.particles),
+            "rng": ckpt.capture_rng_state(),
+        }
+
+    # --- epochs -------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        if self.writes:
+            _remove_stale_temporaries(self.run_dir)
+            self._write_split()  # identical when resuming (same seed, fraction and particle count)
+        if self.stop_reason != "early_stop":
+            for epoch in range(self.epoch + 1, self.config.epochs + 1):
+                self._run_epoch(epoch)
+                if self.stop_reason == "early_stop":
+                    break
+        return self._result()
+
+    def _run_epoch(self, epoch: int) -> None:
+        """One epoch: train, validate, step the scheduler, save. Signals are checked before it and after every
+        training batch; one that arrives during validation or saving stops the run before the next epoch."""
+        if self._consensus(self.signals.name is not None)[0]:
+            raise self._interrupted(epoch)
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_metrics = self._train_epoch(epoch)
+        val_metrics = self._validate(epoch)
+        monitored = -(val_metrics or train_metrics)["elbo"]
+        self.scheduler.step(monitored)
+        improved = monitored < self.best_loss
+        if improved:
+            self.best_loss, self.best_epoch, self.bad_epochs = monitored, epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.epoch = epoch
+        self.stop_reason = ("early_stop" if self.bad_epochs >= self.config.early_stop
+                            else "max_epochs" if epoch >= self.config.epochs else None)
+        row = {"epoch": epoch, "train_elbo": train_metrics["elbo"],
+               "val_elbo": val_metrics["elbo"] if val_metrics else math.nan,
+               **{name: train_metrics[name] for name in METRICS[1:]},
+               "lr": lr, "seconds": round(time.perf_counter() - start, 3)}
+        self.history.append(row)
+        if self.writes:
+            self._save(improved)
+        if self.config.progress and self.writes:
+            val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
+            tqdm.write(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, lr {lr:.3g}, "
+                       f"{row['seconds']:.1f} s{' (best)' if improved else ''}", file=sys.stderr)
+
+    def _train_epoch(self, epoch: int) -> dict:
+        batches = self._shard(self._epoch_batches(epoch))
+        noise = _generator(self.device, self.config.seed, _NOISE, epoch, self.group.rank)
+        totals = _Totals()
+        self.model.train()
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{self.config.epochs}", unit="batch", leave=False,
+                   file=sys.stderr, disable=not (self.config.progress and self.writes))
+        with bar:
+            for batch, (indices, images) in enumerate(self._load(batches), start=1):
+                with self._autocast():
+                    terms = self.elbo(self._to_device(indices, images), noise)
+                self.optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters()
+                                                     if p.grad is not None])
+                finite = torch.isfinite(torch.stack([terms.loss.detach().float(), grad_norm.float()])).all()
+                diverged, stop = self._consensus(~finite, self.signals.name is not None)
+                if stop:
+                    raise self._interrupted(epoch)
+                if diverged:
+                    raise TrainingDiverged(
+                        f"training diverged: NaN or infinite loss or gradient in epoch {epoch}, batch "
+                        f"{batch}; nothing of this epoch was saved ({self._kept()}); lower the learning rate "
+                        "or check the particle images")
+                self.optimizer.step()
+                totals.add(terms, len(indices))
+                bar.update()
+                bar.set_postfix(elbo=f"{totals.running_elbo():.2f}", refresh=False)
+        return totals.reduce(self.group, self.device)
+
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> dict | None:
+        """Validation ELBO with the same sampling noise every epoch, so epochs are compared on equal terms."""
+        if len(self.val_idx) == 0:
+            return None
+        size = self.config.batch_size
+        batches = [self.val_idx[i:i + size] for i in range(0, len(self.val_idx), size)]
+        noise = _generator(self.device, self.config.seed, _VALIDATION, self.group.rank)
+        totals = _Totals()
+        self.model.eval()
+        for indices, images in self._load(batches[self.group.rank::self.group.world]):
+            with self._autocast():
+                totals.add(self.model.elbo(self._to_device(indices, images), noise), len(indices))
+        metrics = totals.reduce(self.group, self.device)
+        if not math.isfinite(metrics["elbo"]):
+            raise TrainingDiverged(f"training diverged: NaN or infinite validation ELBO after epoch {epoch}; "
+                                   f"it was not saved ({self._kept()}); lower the learning rate")
+        return metrics
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's random order of the training set in batches, each sorted so reads run contiguously."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, _ORDER, epoch]))
+        order = rng.permutation(self.train_idx)
+        size = self.config.batch_size
+        return [np.sort(order[i:i + size]) for i in range(0, len(order), size)]
+
+    def _shard(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """This rank's part of every global batch; a final batch too small to give every rank a particle is
+        dropped so that all ranks take the same number of steps."""
+        world = self.group.world
+        if world == 1:
+            return batches
+        return [np.array_split(batch, world)[self.group.rank] for batch in batches if len(batch) >= world]
+
+    def _load(self, batches: list[np.ndarray]) -> DataLoader:
+        workers = self.config.num_workers
+        return DataLoader(_BatchReader(self.particles, batches), batch_size=None, num_workers=workers,
+                          pin_memory=self.device.type == "cuda",
+                          worker_init_fn=_ignore_stop_signals if workers else None)
+
+    def _to_device(self, indices: torch.Tensor, images) -> torch.Tensor:
+        if isinstance(images, _CarriedError):
+            raise images.rebuild()
+        _check_images(images, indices, self.model.config)
+        return images.to(self.device, non_blocking=True)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _consensus(self, *flags) -> list[bool]:
+        """Flags OR-ed over all ranks, so that every rank stops at the same batch."""
+        values = torch.stack([torch.as_tensor(flag, dtype=torch.float32, device=self.device)
+                              for flag in flags])
+        return [bool(v) for v in self.group.all_reduce(values, dist.ReduceOp.MAX).tolist()]
+
+    # --- output -------------------------------------------------------------------------------------------
+    def _save(self, improved: bool) -> None:
+        """Best before last: if killed in between, the resumed run redoes this epoch and rewrites both."""
+        state = self._state()
+        if improved:
+            ckpt.save_checkpoint(state, self.run_dir / ckpt.BEST)
+        ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST)
+        write_log(self.history, self.run_dir / LOG_FILE)
+        plot_learning_curve(self.history, self.best_epoch, self.run_dir / CURVE_FILE)
+
+    def _write_split(self) -> None:
+        with atomic_path(self.run_dir / SPLIT_FILE) as tmp:
+            np.savez(tmp, train=self.train_idx, val=self.val_idx, n_particles=len(self.particles),
+                     seed=self.config.seed, val_fraction=self.config.val_fraction)
+
+    def _kept(self) -> str:
+        if self.epoch == 0:
+            return "no epoch had completed"
+        return f"{self.run_dir / ckpt.LAST} holds epoch {self.epoch}"
+
+    def _interrupted(self, epoch: int) -> Interrupted:
+        return Interrupted(f"{self.signals.name} received in epoch {epoch}: stopped, the epoch was dropped; "
+                           f"{self._kept()}; resume to continue")
+
+    def _result(self) -> TrainResult:
+        rows = {row["epoch"]: row for row in self.history}
+        return TrainResult(run_dir=self.run_dir, best_checkpoint=self.run_dir / ckpt.BEST,
+                           last_checkpoint=self.run_dir / ckpt.LAST, epochs=self.epoch,
+                           best_epoch=self.best_epoch, stop_reason=self.stop_reason or "max_epochs",
+                           metrics=rows.get(self.epoch, {}), best_metrics=rows.get(self.best_epoch, {}))
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+class _Totals:
+    """Particle-weighted sums of the ELBO terms over an epoch (on this rank)."""
+
+    def __init__(self):
+        self.sums = np.zeros(len(METRICS))
+        self.count = 0
+
+    def add(self, terms, n: int) -> None:
+        values = terms.scalars()
+        self.sums += n * np.array([values[name] for name in METRICS])
+        self.count += n
+
+    def running_elbo(self) -> float:
+        return self.sums[0] / max(self.count, 1)
+
+    def reduce(self, group: "_ProcessGroup", device: torch.device) -> dict:
+        """Means over all ranks' particles."""
+        packed = torch.tensor([*self.sums, self.count], dtype=torch.float64, device=device)
+        packed = group.all_reduce(packed, dist.ReduceOp.SUM).tolist()
+        return {name: total / packed[-1] for name, total in zip(METRICS, packed[:-1], strict=True)}
+
+
+class _BatchReader(Dataset):
+    """Item i: (indices, images) of batch i, read by ``particles.read``, so memory is bounded by a batch."""
+
+    def __init__(self, particles, batches: list[np.ndarray]):
+        self.particles, self.batches = particles, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        indices = self.batches[i]
+        try:
+            images = np.require(self.particles.read(indices), np.float32, ["C", "W"])  # torch wants writable
+        except TvaeError as error:
+            return torch.from_numpy(indices), _CarriedError(error)
+        return torch.from_numpy(indices), torch.from_numpy(images)
+
+
+class _CarriedError:
+    """A TvaeError raised while reading in a DataLoader worker, carried to the main process as data.
+
+    DataLoader re-raises worker exceptions as ``type(message)``, which errors with other constructor
+    arguments (InputError(path, problem)) do not survive: the user would get a RuntimeError and a traceback
+    instead of the one-line message. The error is rebuilt without calling its constructor.
+    """
+
+    def __init__(self, error: TvaeError):
+        self.cls, self.message, self.attributes = type(error), str(error), vars(error)
+
+    def rebuild(self) -> TvaeError:
+        error = self.cls.__new__(self.cls)
+        Exception.__init__(error, self.message)
+        error.__dict__.update(self.attributes)
+        return error
+
+
+class _ElboForward(nn.Module):
+    """Routes ``model.elbo`` through ``forward`` for DistributedDataParallel."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, generator):
+        return self.model.elbo(images, generator)
+
+
+@dataclass
+class _ProcessGroup:
+    """This process's place in a torchrun job; a single process is rank 0 of 1 and never communicates."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @classmethod
+    def start(cls, device: torch.device) -> "_ProcessGroup":
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def all_reduce(self, values: torch.Tensor, op) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(values, op=op)
+        return values
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+class _SignalFlag:
+    """Records SIGINT/SIGTERM instead of dying mid-batch; a second signal raises Interrupted at once.
+
+    Handlers can only be installed from the main thread; elsewhere signals keep their default behaviour.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.name = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.name is not None:
+            raise Interrupted(f"{name} received again: stopped at once; completed epochs are kept")
+        self.name = name
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which shuts them down cleanly."""
+    for sig in _SignalFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _check_images(images: torch.Tensor, indices: torch.Tensor, config: ModelConfig) -> None:
+    """Refuse images the model cannot train on, naming the particles (0-based indices of the input)."""
+    n = config.image_size
+    if tuple(images.shape[1:]) != (n, n):
+        raise TvaeError(f"particle images are {images.shape[1]}x{images.shape[2]} pixels, "
+                        f"the model expects {n}x{n}")
+    bad = ~torch.isfinite(images).flatten(1).all(1)
+    if bad.any():
+        raise TvaeError(f"particles {_listing(indices[bad])} (0-based) contain NaN or infinite pixels")
+    if config.likelihood == "bernoulli":
+        outside = ((images < 0) | (images > 1)).flatten(1).any(1)
+        if outside.any():
+            raise TvaeError(f"particles {_listing(indices[outside])} (0-based) have pixels outside [0, 1], "
+                            "which the bernoulli likelihood needs; use the gaussian likelihood for cryo-EM")
+
+
+def _listing(indices: torch.Tensor, shown: int = 5) -> str:
+    values = indices.tolist()
+    text = ", ".join(str(i) for i in values[:shown])
+    return text + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def _refuse_changes(what: str, stored: dict, given: dict, allowed: tuple) -> None:
+    changed = [f"{key} (run: {stored.get(key)!r}, now: {given[key]!r})" for key in given
+               if key not in allowed and stored.get(key) != given[key]]
+    if changed:
+        raise UsageError(f"cannot resume with a different {what} configuration: {'; '.join(changed)}")
+
+
+def _seed(*key: int) -> int:
+    """A 63-bit seed derived from a key of integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _generator(device: torch.device, *key: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_seed(*key))
+    return generator
+
+
+def _amp_enabled(amp: str, device: torch.device) -> bool:
+    """bfloat16 autocast: always with 'bf16'; with 'auto' on CUDA and on CPUs with AMX-BF16 matrix units, where
+    it trains the paper's MNIST model ~2x faster than float32 with the same ELBO curve (benchmarks/RESULTS.md,
+    "Throughput"; other CPUs keep float32: their bfloat16 speed is unmeasured)."""
+    if amp == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16())
+    return amp == "bf16"
+
+
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU advertises AMX-BF16 (Linux /proc/cpuinfo flag ``amx_bf16``; False where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in handle)
+    except OSError:
+        return False
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temporaries that a killed process left behind (SIGKILL skips ``atomic_path``'s clean-up)."""
+    for name in (ckpt.LAST, ckpt.BEST, LOG_FILE, CURVE_FILE, SPLIT_FILE):
+        for stale in run_dir.glob(f".{name}.*.part{Path(name).suffix}"):
+            stale.unlink(missing_ok=True)
