@@ -53,6 +53,7 @@ SHIFT_STD_PX = 5.0
 N_CLUSTERS = 10
 SECTION = "## Paper tables (MNIST)"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"  # the workplace copy beside the repo
 BASELINES = ("vae", "beta-vae", "spatial")
 VARIANT_NAMES = {"N": "MNIST(N)", "U": "MNIST(U)"}
 
@@ -364,7 +365,7 @@ def collect(budget_dir: Path) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="/work/shared/data/mnist", help="folder with the MNIST IDX files")
+    parser.add_argument("--data", default=str(SHARED_MNIST), help="folder with the MNIST IDX files")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16], help="rotations of P_r")
     parser.add_argument("--z-dims", type=int, nargs="+", default=[2, 32])

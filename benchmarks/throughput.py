@@ -17,8 +17,9 @@ steps. A training step is ELBO forward + backward + Adam step on one batch; read
 
 Arithmetic floor: multiply-adds of a step (encoder convolutions as escnn expands them to plain convolutions,
 out_channels * in_channels * k^2 * M^2 * B; the 1x1 layers; the generator's matrix products; backward = 2x
-forward, except the first convolution whose input needs no gradient) divided by this machine's measured rate of
-a large ``torch.mm`` in the path's precision. "x floor" = measured time / floor (1.0 would be perfect).
+forward, except the first convolution whose input needs no gradient) divided by the rate of a large ``torch.mm``
+in the path's precision, measured in the same process right after the timed steps (so under the same load).
+"x floor" = measured time / floor (1.0 would be perfect).
 
     python benchmarks/throughput.py [--quick] [--device auto|cpu|cuda] [--configs mnist,cryoem]
 
@@ -55,7 +56,7 @@ GIB = 1 << 30
 
 @dataclass
 class Job:
-    config: str
+    config: dict  # ModelConfig fields
     path: str  # 'naive' or 'fast'
     kind: str  # 'train' or 'infer'
     device: str
@@ -88,8 +89,9 @@ def step_macs(config: ModelConfig, batch: int, kind: str) -> float:
     return 2 * parts["first_conv"] + 3 * (parts["pointwise"] + parts["generator"])
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
     """Multiply-adds per second of a large square ``torch.mm`` (median of ``repeats``)."""
+    size = 4096 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     times = [_timed(device, lambda: a @ b) for _ in range(repeats + 1)][1:]
@@ -119,14 +121,15 @@ def measure(job: Job) -> dict:
     """Seconds per batch (median of ``job.steps``) and the process's peak memory for one job."""
     device = torch.device(job.device)
     torch.manual_seed(0)
-    config = ModelConfig(**CONFIGS[job.config])
+    config = ModelConfig(**job.config)
     model = TargetVAE(config).to(device)
     fast = job.path == "fast"
     model.encoder.escnn_forward = not fast
     model.generator.fused = fast
     images = _batch(config, job.batch, device)
+    bf16 = job.kind == "train" and fast and fast_uses_bf16(device)
     if job.kind == "train":
-        step = _train_step(model, images, device, amp=fast and fast_uses_bf16(device))
+        step = _train_step(model, images, device, amp=bf16)
     else:
         model.eval()
         if fast:
@@ -134,7 +137,8 @@ def measure(job: Job) -> dict:
         step = lambda: model.encode(images)  # noqa: E731
     times = [_timed(device, step) for _ in range(job.warmup + job.steps)][job.warmup:]
     result = {"seconds": statistics.median(times),
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+              "mm_rate": matmul_rate(device, torch.bfloat16 if bf16 else torch.float32, repeats=3)}
     if device.type == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / GIB
     return result
@@ -169,7 +173,7 @@ def run_in_fresh_process(job: Job) -> dict:
 
 # --- the table -----------------------------------------------------------------------------------------------
 
-def rows_for(config_name: str, device: torch.device, batch: int, rates: dict, quick: bool) -> list[dict]:
+def rows_for(config_name: str, device: torch.device, batch: int, quick: bool) -> list[dict]:
     config = ModelConfig(**CONFIGS[config_name])
     rows = []
     for path in ("naive", "fast"):
@@ -177,26 +181,27 @@ def rows_for(config_name: str, device: torch.device, batch: int, rates: dict, qu
         row = {"config": config_name, "device": device.type, "path": path, "batch": batch,
                "train_precision": "bf16 autocast" if bf16 else "fp32"}
         for kind in ("train", "infer"):
-            steps = (1 if quick else 3) if kind == "train" else (2 if quick else 5)
-            job = Job(config_name, path, kind, str(device), batch, warmup=1, steps=steps)
+            steps = (1 if quick else 2) if kind == "train" else (2 if quick else 4)
+            job = Job(CONFIGS[config_name], path, kind, str(device), batch, warmup=1, steps=steps)
             print(f"  {config_name} {device.type} {path} {kind} (batch {batch}) ...", file=sys.stderr, flush=True)
             result = run_in_fresh_process(job)
-            rate = rates[torch.bfloat16 if (bf16 and kind == "train") else torch.float32]
-            floor = step_macs(config, batch, kind) / rate
+            floor = step_macs(config, batch, kind) / result["mm_rate"]
             row[f"{kind}_ips"] = batch / result["seconds"]
             row[f"{kind}_floor"] = result["seconds"] / floor
             row[f"{kind}_mem"] = result.get("peak_gpu_gib", result["peak_rss_gib"])
-            print(f"    {result['seconds']:.2f} s/batch, {row[f'{kind}_floor']:.1f}x floor, load "
-                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+            row[f"{kind}_tflops"] = 2 * result["mm_rate"] / 1e12
+            print(f"    {result['seconds']:.2f} s/batch, {row[f'{kind}_floor']:.1f}x floor "
+                  f"(mm {row[f'{kind}_tflops']:.2f} TFLOP/s), load {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], memory_label: str) -> str:
     header = ("| config | device | path | batch | training precision | train img/s | train x floor | "
-              f"infer img/s | infer x floor | {memory_label} train (GiB) | {memory_label} infer (GiB) | "
-              "speed-up train / infer | memory train |")
-    lines = [header, "|" + "---|" * header.count("|")[:-1] if False else "|" + "---|" * (header.count("|") - 1)]
+              f"infer img/s | infer x floor | mm TFLOP/s train / infer | {memory_label} train (GiB) | "
+              f"{memory_label} infer (GiB) | speed-up train / infer | memory train |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     naive = {}
     for row in rows:
         key = (row["config"], row["device"])
@@ -210,7 +215,8 @@ def markdown(rows: list[dict], memory_label: str) -> str:
             memory = f"{row['train_mem'] / base['train_mem']:.2f}x"
         lines.append(f"| {row['config']} | {row['device']} | {row['path']} | {row['batch']} | "
                      f"{row['train_precision']} | {row['train_ips']:.1f} | {row['train_floor']:.1f} | "
-                     f"{row['infer_ips']:.1f} | {row['infer_floor']:.1f} | {row['train_mem']:.2f} | "
+                     f"{row['infer_ips']:.1f} | {row['infer_floor']:.1f} | "
+                     f"{row['train_tflops']:.2f} / {row['infer_tflops']:.2f} | {row['train_mem']:.2f} | "
                      f"{row['infer_mem']:.2f} | {ratios} | {memory} |")
     return "\n".join(lines)
 
@@ -230,7 +236,8 @@ def machine_line(device: torch.device) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timed steps (1 training, 2 inference)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 timed training step and 2 inference batches (default 2 and 4), after 1 warm-up each")
     parser.add_argument("--device", default="auto", help="auto (CPU, and the GPU when present), cpu or cuda")
     parser.add_argument("--configs", default="mnist,cryoem", help="comma-separated: mnist, cryoem")
     parser.add_argument("--cpu-cryoem-batch", type=int, default=10, help="batch of the cryo-EM configuration on CPU")
@@ -243,14 +250,14 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     for name in devices:
         device = torch.device(name)
-        rates = {dtype: matmul_rate(device, dtype, size=4096 if device.type == "cpu" else 8192)
-                 for dtype in (torch.float32, torch.bfloat16)}
+        rates = {dtype: matmul_rate(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
         rows = []
         for config_name in args.configs.split(","):
             batch = args.cpu_cryoem_batch if (config_name == "cryoem" and device.type == "cpu") else BATCH
-            rows += rows_for(config_name, device, batch, rates, args.quick)
+            rows += rows_for(config_name, device, batch, args.quick)
         print(f"\n**{device.type}**: {machine_line(device)}; torch.mm rate fp32 "
-              f"{2 * rates[torch.float32] / 1e12:.2f} TFLOP/s, bf16 {2 * rates[torch.bfloat16] / 1e12:.2f} TFLOP/s\n")
+              f"{2 * rates[torch.float32] / 1e12:.2f} TFLOP/s, bf16 {2 * rates[torch.bfloat16] / 1e12:.2f} TFLOP/s "
+              "at the start (each row's floor uses the rate measured with it)\n")
         print(markdown(rows, "peak GPU memory" if device.type == "cuda" else "peak RSS"))
     print(f"\nload average (1, 5, 15 min) before {', '.join(f'{v:.1f}' for v in load_before)}, after "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}; {time.perf_counter() - start:.0f} s in all"

@@ -16,9 +16,9 @@ the cells sit on half pixels; the mapping stays exact.
 
 Speed. The layers run as plain torch ops on the filters escnn expands (``plain_group_conv``): the big-kernel
 convolution in channels-last layout and the 1x1 group convolutions as matrix products over the channel axis of
-that layout. The result is the same convolution as escnn's own modules (``escnn_forward = True``, the reference
-it is tested against), but oneDNN's 1x1 convolution backward in bfloat16 is ~100x slower than the matrix
-product on CPU (benchmarks/RESULTS.md, "Throughput").
+that layout, and on CPU the first layer's filter gradient as a matrix product over unfolded patches. The result
+is the convolution escnn's own modules compute (``escnn_forward = True``, the reference it is tested against),
+several times faster to train, in bfloat16 above all (benchmarks/RESULTS.md, "Throughput").
 """
 
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from torch import nn
 
 _DENORMAL = 1e-20  # escnn's sampled filter bases hold denormal floats that slow CPU convolutions ~1.6x
 _SLOPE = 0.01  # negative slope of escnn's LeakyReLU (its default), reproduced by the plain-torch path
+_UNFOLDED_VALUES = 1 << 22  # input patches unfolded at a time for the first layer's filter gradient
 
 
 @dataclass
@@ -114,7 +115,6 @@ class GroupConvEncoder(nn.Module):
             result.shift_logstd = fields[:, 5 + 2 * z]
         return result
 
-
     def _filters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(filter, bias) of every layer as escnn expands them: frozen after ``export``, cached by escnn in eval
         mode, expanded from the trainable weights (differentiably) in training mode."""
@@ -133,20 +133,28 @@ def plain_group_conv(images: torch.Tensor, filters: list, padding: int) -> torch
     autograd keeps one tensor per layer. Returns (B, C_out, M, M).
     """
     (first, first_bias), *pointwise = filters
-    # .to, not .contiguous: with one input channel both layouts count as contiguous, and only explicit
-    # channels-last strides make the convolution write channels-last output
-    images, first = images.to(memory_format=torch.channels_last), first.to(memory_format=torch.channels_last)
+    if _first_layer_channels_last(images.device.type):
+        # .to, not .contiguous: with one input channel both layouts count as contiguous, and only explicit
+        # channels-last strides make the convolution write channels-last output
+        images, first = images.to(memory_format=torch.channels_last), first.to(memory_format=torch.channels_last)
     if images.device.type == "cpu" and torch.is_grad_enabled() and first.requires_grad:
         h = _BigKernelConv.apply(images, first, first_bias, padding)
     else:
         h = F.conv2d(images, first, first_bias, padding=padding)
     b, _, m, _ = h.shape
-    h = F.leaky_relu(h, _SLOPE, inplace=True).permute(0, 2, 3, 1).reshape(b * m * m, -1)  # a view: (B M M, C)
+    # (B M M, C): a view of channels-last output, a copy of NCHW output
+    h = F.leaky_relu(h, _SLOPE, inplace=True).permute(0, 2, 3, 1).reshape(b * m * m, -1)
     for i, (weight, bias) in enumerate(pointwise):
         h = F.linear(h, weight.flatten(1), bias)
         if i < len(pointwise) - 1:
             h = F.leaky_relu(h, _SLOPE, inplace=True)
     return h.view(b, m, m, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def _first_layer_channels_last(device_type: str) -> bool:
+    """Layout of the big-kernel convolution. On CPU, channels-last is 4x faster in bfloat16 but up to 2x slower
+    in float32 (measured at 50 and 100 px boxes); GPUs' tensor cores favour channels-last (not measured here)."""
+    return device_type != "cpu" or torch.is_autocast_enabled("cpu")
 
 
 class _BigKernelConv(torch.autograd.Function):
@@ -162,8 +170,7 @@ class _BigKernelConv(torch.autograd.Function):
     def forward(ctx, images, weight, bias, padding):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
         with torch.autocast("cpu", enabled=False):
-            images = images.to(dtype, memory_format=torch.channels_last)
-            weight = weight.to(dtype, memory_format=torch.channels_last)
+            images, weight = images.to(dtype), weight.to(dtype)  # strides (the layout) preserved
             bias = None if bias is None else bias.to(dtype)
             ctx.save_for_backward(images)
             ctx.padding, ctx.kernel, ctx.dtypes = padding, weight.shape[-1], (weight.dtype, bias is not None)
@@ -175,13 +182,14 @@ class _BigKernelConv(torch.autograd.Function):
         dtype, has_bias = ctx.dtypes
         grad = grad.to(dtype)
         k, channels, patch = ctx.kernel, grad.shape[1], images.shape[1] * ctx.kernel ** 2
-        chunk = max(1, (1 << 22) // (patch * grad.shape[2] * grad.shape[3]))  # ~4M unfolded values at a time
-        weight_grad = torch.zeros(channels, patch, dtype=torch.float32, device=grad.device)
+        chunk = max(1, _UNFOLDED_VALUES // (patch * grad.shape[2] * grad.shape[3]))  # images per product
+        total = torch.promote_types(dtype, torch.float32)  # accumulate in at least float32
+        weight_grad = torch.zeros(channels, patch, dtype=total, device=grad.device)
         for start in range(0, len(images), chunk):
             patches = F.unfold(images[start:start + chunk], k, padding=ctx.padding)  # (c, C_in K^2, M^2)
             rows = grad[start:start + chunk].permute(0, 2, 3, 1).reshape(-1, channels)  # (c M^2, C)
-            weight_grad += (rows.t() @ patches.transpose(1, 2).reshape(-1, patch)).float()
-        bias_grad = grad.float().sum((0, 2, 3)).to(dtype) if has_bias else None
+            weight_grad += (rows.t() @ patches.transpose(1, 2).reshape(-1, patch)).to(total)
+        bias_grad = grad.to(total).sum((0, 2, 3)).to(dtype) if has_bias else None
         return None, weight_grad.view(channels, -1, k, k).to(dtype), bias_grad, None
 
 

@@ -1,0 +1,183 @@
+"""The fast paths (issue 6) compute what the faithful ones compute.
+
+- plain-torch encoder layers on escnn's expanded filters == escnn's own modules (outputs and gradients);
+- the exported encoder == escnn in inference (same poses and latents on real MNIST digits);
+- FourierLinear (chunked, recomputing features in backward) == materialised features + nn.Linear (float64);
+- the first layer's unfolded filter gradient == conv2d's, across several chunks of images;
+- bfloat16 autocast: ELBO of one batch and a short training curve within tolerance of float32, and phases kept in
+  float32 (a bfloat16 phase would be off by ~0.3 rad at the paper's Fourier scale).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tvae_em import train
+from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model import encoder as encoder_module
+from tvae_em.model import generator as generator_module
+from tvae_em.model.generator import FourierLinear, SpatialGenerator
+from tvae_em.simulate import has_mnist, load_mnist, make_mnist_variant
+
+MNIST_DIR = Path("/work/shared/data/mnist")
+SMALL = dict(image_size=28, rotations=8, encoder_fields=4, encoder_kernel=15, encoder_padding=4, generator_width=32,
+             fourier_features=64, fourier_scale=3.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops on 2 threads stall on a busy shared machine; one thread keeps this file fast and deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """32 real MNIST(U) digits, 28 x 28, in [0, 1]."""
+    if not has_mnist(MNIST_DIR, "t10k"):
+        pytest.skip(f"MNIST test digits not found in {MNIST_DIR}")
+    images, labels = load_mnist(MNIST_DIR)
+    data = make_mnist_variant(images[:32], labels[:32], "U", size=28, seed=0, shift_std_px=2.0)
+    return torch.from_numpy(np.asarray(data["images"], np.float32)).clamp(0, 1)
+
+
+def _model(**options) -> TargetVAE:
+    torch.manual_seed(0)
+    return TargetVAE(ModelConfig(**{**SMALL, **options}))
+
+
+def test_plain_encoder_layers_match_escnn_modules_and_their_gradients(digits):
+    model = _model(subpixel=True)
+    outputs, grads = [], []
+    for escnn in (True, False):
+        model.encoder.escnn_forward = escnn
+        model.zero_grad()
+        out = model.encoder(digits[:8, None])
+        fields = torch.cat([out.logits, out.theta_mu, out.z_mu.flatten(1, 2), out.shift_mu.flatten(1, 2)], 1)
+        (fields * torch.linspace(-1, 1, fields.shape[1])[:, None, None]).sum().backward()
+        outputs.append(fields.detach())
+        grads.append([p.grad.clone() for p in model.encoder.parameters()])
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    for reference, plain in zip(*grads, strict=True):  # float32 sums in another order: relative to the scale
+        assert (reference - plain).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_exported_encoder_gives_escnn_poses_and_latents_on_mnist(digits):
+    model = _model().eval()
+    model.encoder.escnn_forward = True
+    reference = model.encode(digits)
+    model.encoder.escnn_forward = False
+    model.encoder.export()
+    exported = model.encode(digits)
+    assert model.encoder._exported is not None
+    assert torch.equal(reference.t, exported.t)  # the same most probable cell for every digit
+    for name in ("theta", "z_mu", "z_std", "entropy", "rotation_mass", "max_prob"):
+        assert torch.allclose(getattr(reference, name), getattr(exported, name), atol=1e-5), name
+
+
+def test_fourier_linear_equals_materialised_features_in_float64(monkeypatch):
+    monkeypatch.setattr(generator_module, "CHUNK_VALUES", 7 * 16)  # 7 pixels per chunk: many chunks, one partial
+    torch.manual_seed(0)
+    layer = SpatialGenerator(z_dim=2, width=8, fourier_features=16, fourier_scale=3.0).double()
+    coords = (torch.rand(3, 20, 2, dtype=torch.float64) * 2.8 - 1.4).requires_grad_()
+    weight, bias = layer.coord_layer.weight, layer.coord_layer.bias
+    upstream = torch.randn(3, 20, 8, dtype=torch.float64)
+
+    fused = FourierLinear.apply(coords, layer.fourier_b, weight, bias)
+    fused_grads = torch.autograd.grad(fused, (coords, weight, bias), upstream)
+    plain = layer.coord_layer(layer.features(coords))
+    plain_grads = torch.autograd.grad(plain, (coords, weight, bias), upstream)
+    assert torch.allclose(fused, plain, atol=1e-12)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda c, w, b: FourierLinear.apply(c, layer.fourier_b, w, b),
+                                    (coords[:1, :9].detach().requires_grad_(), weight, bias))
+
+
+def test_generator_paths_agree_in_float32():
+    torch.manual_seed(0)
+    gen = SpatialGenerator(z_dim=2, width=32, depth=3, fourier_features=64)
+    coords, z = torch.rand(4, 50, 2) * 2 - 1, torch.randn(4, 2)
+    gen.fused = True
+    fused = gen(coords, z)
+    gen.fused = False
+    assert torch.allclose(fused, gen(coords, z), atol=1e-5)
+
+
+def test_first_layer_filter_gradient_matches_conv2d_across_chunks(monkeypatch):
+    monkeypatch.setattr(encoder_module, "_UNFOLDED_VALUES", 2 * 25 * 12 * 12)  # 2 images per chunk, 5 images
+    torch.manual_seed(0)
+    images = torch.rand(5, 1, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
+    weight = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 6, 12, 12, dtype=torch.float64)
+    out = encoder_module._BigKernelConv.apply(images, weight, bias, 2)
+    grads = torch.autograd.grad(out, (weight, bias), upstream)
+    reference = F.conv2d(images, weight, bias, padding=2)
+    reference_grads = torch.autograd.grad(reference, (weight, bias), upstream)
+    assert torch.allclose(out, reference, atol=1e-12)
+    for a, b in zip(grads, reference_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def _elbo(model, images, amp, seed=0):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        return model.elbo(images, torch.Generator().manual_seed(seed))
+
+
+def test_bf16_autocast_elbo_of_a_batch_is_close_to_float32(digits):
+    model = _model()
+    full, half = _elbo(model, digits, amp=False), _elbo(model, digits, amp=True)
+    assert abs(half.elbo.item() - full.elbo.item()) < 2e-3 * abs(full.elbo.item())
+    assert abs(half.kl.total.mean().item() - full.kl.total.mean().item()) < 0.05 * full.kl.total.mean().item()
+
+
+def test_bf16_training_curve_tracks_float32(digits):
+    curves = []
+    for amp in (False, True):
+        model = _model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+        curve = []
+        for step in range(15):
+            terms = _elbo(model, digits, amp, seed=step)
+            optimizer.zero_grad()
+            terms.loss.backward()
+            optimizer.step()
+            curve.append(terms.elbo.item())
+        curves.append(np.array(curve))
+    full, half = curves
+    assert full[-1] > full[0] + 50  # it does learn, so the comparison means something
+    assert np.all(np.abs(half - full) < 0.01 * np.abs(full)), (full, half)
+
+
+def test_fused_bf16_features_keep_float32_phases():
+    """At the paper's scale phases reach ~100 rad; computed in bfloat16 they would be off by up to ~0.3 rad."""
+    torch.manual_seed(0)
+    gen = SpatialGenerator(z_dim=2, width=64, fourier_features=256, fourier_scale=3.0)
+    coords = torch.rand(2, 400, 2) * 2.8 - 1.4
+    w, b = gen.coord_layer.weight, gen.coord_layer.bias
+    exact = FourierLinear.apply(coords.double(), gen.fourier_b.double(), w.double(), b.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = FourierLinear.apply(coords, gen.fourier_b, w, b)
+    assert fast.dtype == torch.bfloat16
+    error = (fast.double() - exact).abs().max() / exact.abs().max()
+    assert error < 0.02
+
+
+@pytest.mark.parametrize("has_amx, device, mode, expected", [
+    (True, "cpu", "auto", True), (False, "cpu", "auto", False), (True, "cpu", "off", False),
+    (False, "cpu", "bf16", True),
+])
+def test_amp_auto_uses_bf16_on_cpus_with_amx(monkeypatch, has_amx, device, mode, expected):
+    monkeypatch.setattr(train, "cpu_has_amx_bf16", lambda: has_amx)
+    assert train._amp_enabled(mode, torch.device(device)) is expected
+
+
+def test_amx_flag_is_read_from_cpuinfo():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert train.cpu_has_amx_bf16() is ("amx_bf16" in flags.split())
