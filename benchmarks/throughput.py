@@ -7,9 +7,9 @@ For the paper's MNIST configuration (50x50, P8, 128 encoder fields, kernel 28 pa
 - naive: float32, escnn's own modules in training and inference, Fourier features materialised
   (``encoder.escnn_forward = True``, ``generator.fused = False``): what the first correct version did;
 - fast: what ``tvae-em train`` / ``embed`` / ``pose`` do: plain-torch encoder layers on escnn's filters
-  (channels-last, 1x1 group convolutions as matrix products), chunked fused Fourier features, bfloat16 autocast
-  where ``TrainConfig(amp='auto')`` enables it (CUDA, AMX-BF16 CPUs); inference with the exported encoder in
-  float32 (``model.encode``, the embed/pose path).
+  (1x1 group convolutions as matrix products over a channels-last layout), chunked fused Fourier features,
+  bfloat16 autocast where ``TrainConfig(amp='auto')`` enables it (CUDA, AMX-BF16 CPUs); inference with the
+  exported encoder in float32 (``model.encode``, the embed/pose path).
 
 Every measurement runs in a fresh process (multiprocessing 'spawn'), so its peak resident memory
 (``ru_maxrss``) is its own: model construction (escnn's filter-basis sampling included), a warm-up and the timed
