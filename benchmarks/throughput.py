@@ -8,8 +8,8 @@ For the paper's MNIST configuration (50x50, P8, 128 encoder fields, kernel 28 pa
   (``encoder.escnn_forward = True``, ``generator.fused = False``): what the first correct version did;
 - fast: what ``tvae-em train`` / ``embed`` / ``pose`` do: plain-torch encoder layers on escnn's filters
   (1x1 group convolutions as matrix products over a channels-last layout), chunked fused Fourier features,
-  bfloat16 autocast where ``TrainConfig(amp='auto')`` enables it (CUDA, AMX-BF16 CPUs); inference with the
-  exported encoder in float32 (``model.encode``, the embed/pose path).
+  bfloat16 autocast where ``amp='auto'`` enables it (CUDA, AMX-BF16 CPUs), in training and in inference
+  (``model.encode`` on the exported encoder, the embed/pose path, output layer in float32).
 
 Every measurement runs in a fresh process (multiprocessing 'spawn'), so its peak resident memory
 (``ru_maxrss``) is its own: model construction (escnn's filter-basis sampling included), a warm-up and the timed
@@ -41,8 +41,8 @@ from multiprocessing import get_context
 
 import torch
 
+from tvae_em.device import bf16_autocast_enabled, cpu_has_amx_bf16
 from tvae_em.model import ModelConfig, TargetVAE
-from tvae_em.train import _amp_enabled, cpu_has_amx_bf16
 
 CONFIGS = {
     "mnist": dict(image_size=50, rotations=8, z_dim=2, encoder_fields=128, encoder_kernel=28, encoder_padding=8,
@@ -112,7 +112,7 @@ def _sync(device: torch.device) -> None:
 
 
 def fast_uses_bf16(device: torch.device) -> bool:
-    return _amp_enabled("auto", device)
+    return bf16_autocast_enabled("auto", device)
 
 
 # --- one measurement, in its own process ---------------------------------------------------------------------
@@ -127,14 +127,14 @@ def measure(job: Job) -> dict:
     model.encoder.escnn_forward = not fast
     model.generator.fused = fast
     images = _batch(config, job.batch, device)
-    bf16 = job.kind == "train" and fast and fast_uses_bf16(device)
+    bf16 = fast and fast_uses_bf16(device)
     if job.kind == "train":
         step = _train_step(model, images, device, amp=bf16)
     else:
         model.eval()
         if fast:
             model.encoder.export()
-        step = lambda: model.encode(images)  # noqa: E731
+        step = _encode_step(model, images, device, amp=bf16)
     times = [_timed(device, step) for _ in range(job.warmup + job.steps)][job.warmup:]
     result = {"seconds": statistics.median(times),
               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
@@ -166,6 +166,14 @@ def _train_step(model: TargetVAE, images: torch.Tensor, device: torch.device, am
     return step
 
 
+def _encode_step(model: TargetVAE, images: torch.Tensor, device: torch.device, amp: bool):
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            model.encode(images)
+
+    return step
+
+
 def run_in_fresh_process(job: Job) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(measure, job).result()
@@ -179,7 +187,7 @@ def rows_for(config_name: str, device: torch.device, batch: int, quick: bool) ->
     for path in ("naive", "fast"):
         bf16 = path == "fast" and fast_uses_bf16(device)
         row = {"config": config_name, "device": device.type, "path": path, "batch": batch,
-               "train_precision": "bf16 autocast" if bf16 else "fp32"}
+               "precision": "bf16 autocast" if bf16 else "fp32"}
         for kind in ("train", "infer"):
             steps = (1 if quick else 2) if kind == "train" else (2 if quick else 4)
             job = Job(CONFIGS[config_name], path, kind, str(device), batch, warmup=1, steps=steps)
@@ -198,7 +206,7 @@ def rows_for(config_name: str, device: torch.device, batch: int, quick: bool) ->
 
 
 def markdown(rows: list[dict], memory_label: str) -> str:
-    header = ("| config | device | path | batch | training precision | train img/s | train x floor | "
+    header = ("| config | device | path | batch | precision | train img/s | train x floor | "
               f"infer img/s | infer x floor | mm TFLOP/s train / infer | {memory_label} train (GiB) | "
               f"{memory_label} infer (GiB) | speed-up train / infer | memory train |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -214,7 +222,7 @@ def markdown(rows: list[dict], memory_label: str) -> str:
             ratios = f"{row['train_ips'] / base['train_ips']:.1f}x / {row['infer_ips'] / base['infer_ips']:.1f}x"
             memory = f"{row['train_mem'] / base['train_mem']:.2f}x"
         lines.append(f"| {row['config']} | {row['device']} | {row['path']} | {row['batch']} | "
-                     f"{row['train_precision']} | {row['train_ips']:.1f} | {row['train_floor']:.1f} | "
+                     f"{row['precision']} | {row['train_ips']:.1f} | {row['train_floor']:.1f} | "
                      f"{row['infer_ips']:.1f} | {row['infer_floor']:.1f} | "
                      f"{row['train_tflops']:.2f} / {row['infer_tflops']:.2f} | {row['train_mem']:.2f} | "
                      f"{row['infer_mem']:.2f} | {ratios} | {memory} |")

@@ -346,6 +346,16 @@ def embed_particles_of_another_box(folder):
     return ["embed", "run", "bad.star", "-o", "embedded.star", "--device", "cpu"]
 
 
+@case(EXIT_USAGE, "No such option '--epoch'", "Did you mean '--epochs'", "tvae-em train --help")
+def misspelt_option(folder):
+    return ["train", "particles.star", "-o", "run", "--epoch", "3"]
+
+
+@case(EXIT_USAGE, "'--amp'", "'fast' is not one of", "tvae-em embed --help")
+def bad_choice(folder):
+    return ["embed", "run", "particles.star", "-o", "embedded.star", "--amp", "fast"]
+
+
 @pytest.mark.parametrize(("setup", "code", "fragments"), CASES)
 def test_bad_input_gives_one_line_and_leaves_every_file_unchanged(project, capsys, setup, code, fragments):
     argv = setup(project)

@@ -79,20 +79,28 @@ class CountingParticles:
 
 def test_encode_particles_streams_batches_and_matches_model(data):
     particles = CountingParticles(open_particles(data["star"]))
-    result = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu")
+    result = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="off")
     assert particles.largest == BATCH
     expected = data["encoded"]
     for name in infer.ENCODED_FIELDS:
         np.testing.assert_allclose(result[name], getattr(expected, name).numpy(), rtol=1e-5, atol=1e-6)
     subset = np.array([24, 3, 7])
-    picked = infer.encode_particles(data["model"], particles, batch_size=2, device="cpu", indices=subset)
+    picked = infer.encode_particles(data["model"], particles, batch_size=2, device="cpu", indices=subset, amp="off")
     np.testing.assert_allclose(picked["z_mu"], expected.z_mu.numpy()[subset], rtol=1e-5, atol=1e-6)
     assert picked["rotation_mass"].shape == (3, TINY["rotations"])
 
 
+def test_encode_particles_in_bfloat16_is_close_to_float32(data):
+    particles = open_particles(data["star"])
+    exact = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="off")
+    fast = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="bf16")
+    assert np.abs(fast["z_mu"] - exact["z_mu"]).mean() < 0.05 * exact["z_mu"].std()
+    assert np.mean(np.all(fast["t"] == exact["t"], axis=1)) >= 0.8  # the same most probable cell, mostly
+
+
 def test_embed_writes_star_npz_and_figure(data, tmp_path, capsys):
     out = infer.embed(data["run"], data["star"], tmp_path / "embedded.star", clusters=3, batch_size=BATCH,
-                      device="cpu")
+                      device="cpu", amp="off")
     assert capsys.readouterr().out == ""
     assert_input_columns_kept(data["star"], out)
     star = read_star(out)
@@ -129,7 +137,8 @@ def test_embed_in_shards_then_merge_equals_unsharded(data, tmp_path):
 
 def test_pose_writes_relion_convention(data, tmp_path):
     before = sha256(data["star"])
-    out = infer.pose(data["run"], data["star"], tmp_path / "posed.star", batch_size=BATCH, device="cpu")
+    out = infer.pose(data["run"], data["star"], tmp_path / "posed.star", batch_size=BATCH, device="cpu",
+                     amp="off")
     assert sha256(data["star"]) == before
     assert_input_columns_kept(data["star"], out, replaced=infer.POSE_COLUMNS[:3])
     star = read_star(out)

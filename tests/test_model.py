@@ -174,8 +174,10 @@ def test_encoder_export_gives_identical_outputs():
     model = _tiny_model(subpixel=True).eval()
     images = torch.rand(3, 20, 20)
     before = model.encode(images)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.encoder.export()
     after = model.encode(images)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable  # a frozen copy
     for name in ("z_mu", "theta", "t", "entropy"):
         assert torch.allclose(getattr(before, name), getattr(after, name), atol=1e-5)
     model.train()

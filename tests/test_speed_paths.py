@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tvae_em import train
+from tvae_em import device as device_module
 from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.model import encoder as encoder_module
 from tvae_em.model import generator as generator_module
@@ -78,6 +78,20 @@ def test_exported_encoder_gives_escnn_poses_and_latents_on_mnist(digits):
     assert torch.equal(reference.t, exported.t)  # the same most probable cell for every digit
     for name in ("theta", "z_mu", "z_std", "entropy", "rotation_mass", "max_prob"):
         assert torch.allclose(getattr(reference, name), getattr(exported, name), atol=1e-5), name
+
+
+@torch.no_grad()
+def test_bf16_inference_keeps_the_posterior_outputs_in_float32(digits):
+    model = _model().eval()
+    model.encoder.export()
+    reference = model.encoder(digits[:, None])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model.encoder(digits[:, None])
+    assert fast.logits.dtype == torch.float32  # the output layer ran in float32
+    for name in ("logits", "theta_mu", "z_mu"):
+        ours, ref = getattr(fast, name), getattr(reference, name)
+        error = (ours - ref).abs() / ref.std()  # bfloat16 rounding of the hidden layers only
+        assert error.mean() < 0.02 and error.max() < 0.1, name
 
 
 def test_fourier_linear_equals_materialised_features_in_float64(monkeypatch):
@@ -174,10 +188,10 @@ def test_fused_bf16_features_keep_float32_phases():
     (False, "cpu", "bf16", True),
 ])
 def test_amp_auto_uses_bf16_on_cpus_with_amx(monkeypatch, has_amx, device, mode, expected):
-    monkeypatch.setattr(train, "cpu_has_amx_bf16", lambda: has_amx)
-    assert train._amp_enabled(mode, torch.device(device)) is expected
+    monkeypatch.setattr(device_module, "cpu_has_amx_bf16", lambda: has_amx)
+    assert device_module.bf16_autocast_enabled(mode, torch.device(device)) is expected
 
 
 def test_amx_flag_is_read_from_cpuinfo():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    assert train.cpu_has_amx_bf16() is ("amx_bf16" in flags.split())
+    assert device_module.cpu_has_amx_bf16() is ("amx_bf16" in flags.split())

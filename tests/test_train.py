@@ -26,6 +26,7 @@ from tvae_em.train import (
     TrainConfig,
     TrainingDiverged,
     _Trainer,
+    _WaitClock,
     make_split,
     train,
     train_from_star,
@@ -113,7 +114,7 @@ def test_log_has_one_row_per_epoch_with_consistent_terms(finished_run):
         assert all(math.isfinite(v) for v in values.values())
         kl = values["kl_tr"] + values["kl_theta"] + values["kl_z"] + values["kl_shift"]
         assert values["train_elbo"] == pytest.approx(values["reconstruction"] - kl, rel=1e-5)
-        assert values["lr"] == 2e-4 and values["seconds"] > 0
+        assert values["lr"] == 2e-4 and values["seconds"] > 0 and 0 <= values["data_wait"] < 1
     assert result.epochs == 2 and result.stop_reason == "max_epochs"
     assert result.metrics["epoch"] == 2 and result.best_metrics["epoch"] == result.best_epoch
     assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -402,3 +403,18 @@ def test_torchrun_style_two_cpu_ranks_train_together_and_only_rank_0_writes(tmp_
     assert len(rows) == 2 and all(math.isfinite(float(row["val_elbo"])) for row in rows)
     assert ckpt.read_checkpoint(tmp_path / "rank0" / ckpt.LAST)["epoch"] == 2
     assert not (tmp_path / "rank1").exists()
+
+
+def test_wait_clock_counts_the_time_spent_waiting_for_batches():
+    def slow_batches():
+        for item in range(4):
+            time.sleep(0.05)
+            yield item
+
+    clock = _WaitClock(slow_batches())
+    items = []
+    for item in clock:
+        items.append(item)
+        time.sleep(0.05)  # the training step: not waiting
+    assert items == [0, 1, 2, 3]
+    assert 0.2 <= clock.waited < 0.35

@@ -18,6 +18,9 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
 _DATADIR = click.option("--datadir", type=click.Path(file_okay=False),
                         help="Folder holding the stacks named in rlnImageName (tried as datadir/path, then "
                              "datadir/basename) when they are not relative to the STAR file.")
+_AMP = click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
+                    help="bfloat16 autocast: 'auto' on CUDA GPUs and CPUs with AMX-BF16 units, 'bf16' always, "
+                         "'off' for float32 throughout.")
 _SHARD = click.option("--shard", metavar="I/N",
                        help="Process only shard I of N (0-based), a contiguous block of rows; combine the "
                             "parts with 'tvae-em merge'.")
@@ -125,6 +128,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, picks, micrographs, 
 @click.option("--val-fraction", default=0.1, show_default=True, help="Random validation fraction (seeded).")
 @click.option("--seed", default=0, show_default=True)
 @_DEVICE
+@_AMP
 @_DATADIR
 def train(star, run_dir, resume_dir, datadir, device, **options):
     """Train TARGET-VAE on preprocessed particles.
@@ -147,7 +151,7 @@ def train(star, run_dir, resume_dir, datadir, device, **options):
                              resume=bool(resume_dir))
 
 
-_TRAIN_KEYS = ("batch_size", "epochs", "lr", "val_fraction", "seed")
+_TRAIN_KEYS = ("batch_size", "epochs", "lr", "val_fraction", "seed", "amp")
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -161,8 +165,9 @@ _TRAIN_KEYS = ("batch_size", "epochs", "lr", "val_fraction", "seed")
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
+@_AMP
 @_DATADIR
-def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, datadir):
+def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, amp, datadir):
     """Write each particle's rotation/translation-invariant latent z into its STAR row.
 
     Reads a trained RUN folder and a particle STAR; writes OUT (input columns unchanged plus _tvaeZ01..,
@@ -175,7 +180,7 @@ def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, 
     from tvae_em import infer
 
     path = infer.embed(run_dir, star, out_star, clusters=clusters, method=method, shard=_parse_shard(shard),
-                       batch_size=batch_size, device=device, datadir=datadir)
+                       batch_size=batch_size, device=device, amp=amp, datadir=datadir)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -187,8 +192,9 @@ def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, 
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
+@_AMP
 @_DATADIR
-def pose(run_dir, star, out_star, shard, batch_size, device, datadir):
+def pose(run_dir, star, out_star, shard, batch_size, device, amp, datadir):
     """Infer each particle's in-plane rotation and shift, in RELION's convention.
 
     Reads a trained RUN folder and a particle STAR; writes OUT with rlnAnglePsi (deg), rlnOriginXAngst,
@@ -201,7 +207,7 @@ def pose(run_dir, star, out_star, shard, batch_size, device, datadir):
     from tvae_em import infer
 
     path = infer.pose(run_dir, star, out_star, shard=_parse_shard(shard), batch_size=batch_size,
-                      device=device, datadir=datadir)
+                      device=device, amp=amp, datadir=datadir)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -292,6 +298,10 @@ def main(argv=None):
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         code = cli.main(args=argv, prog_name="tvae-em", standalone_mode=False)
+    except click.UsageError as exc:  # click's own: unknown option, bad choice, missing argument
+        where = exc.ctx.command_path if exc.ctx else "tvae-em"
+        click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+        code = exc.exit_code
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code

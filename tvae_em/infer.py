@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from tvae_em import plots
 from tvae_em.checkpoint import checkpoint_path, load_model
-from tvae_em.device import resolve_device
+from tvae_em.device import bf16_autocast_enabled, resolve_device
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_path, refuse_overwriting
 from tvae_em.io.stack import open_particles
@@ -42,8 +42,11 @@ _SHARD_FORMAT = 1
 
 # --- encoding -----------------------------------------------------------------------------------------------
 
-def encode_particles(model, particles, batch_size=256, device="auto", indices=None) -> dict:
+def encode_particles(model, particles, batch_size=256, device="auto", indices=None, amp="auto") -> dict:
     """Run the encoder over ``particles`` (all rows, or ``indices``) and return numpy arrays, one row each.
+
+    ``amp``: bfloat16 autocast as in training (``device.bf16_autocast_enabled``); the poses and latents match
+    float32's to bfloat16 rounding (tests/test_speed_paths.py).
 
     Keys: z_mu, z_std (n, Z); theta (n,) rad in [0, 2 pi); t (n, 2) model frame; entropy (n,) nats of
     q(t, r | y); rotation_mass (n, R); max_prob (n,). The next batch is read from disk while the current one
@@ -52,6 +55,7 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     device = resolve_device(device)
+    bf16 = bf16_autocast_enabled(amp, device)
     indices = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
     check_image_size(model, particles)
     model.to(device).eval()
@@ -70,7 +74,8 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
             following = start + batch_size
             if following < n:
                 pending = reader.submit(particles.read, indices[following:following + batch_size])
-            estimate = model.encode(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                estimate = model.encode(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device))
             for name in ENCODED_FIELDS:
                 results[name][start:start + len(images)] = getattr(estimate, name).float().cpu().numpy()
             progress.update(len(images))
@@ -204,7 +209,7 @@ def file_sha256(path) -> str:
 # --- embed and pose -----------------------------------------------------------------------------------------
 
 def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None, batch_size=256,
-          device="auto", datadir=None, seed=0) -> Path:
+          device="auto", datadir=None, seed=0, amp="auto") -> Path:
     """Semantic latents of every particle: ``_tvaeZ01..`` (posterior means of z at the MAP cell) and
     ``_tvaeZStd01..`` added to a copy of ``star_path``, ``<stem>_embedding.npz`` and ``<stem>_latent.png``.
 
@@ -218,10 +223,11 @@ def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None
         raise UsageError(f"the number of clusters must be at least 1, got {clusters}")
     settings = {"kind": "embed", "clusters": 0 if clusters is None else int(clusters), "method": method,
                 "seed": int(seed)}
-    return _run(run_dir, star_path, out_star, shard, batch_size, device, datadir, settings, _embed_columns)
+    return _run(run_dir, star_path, out_star, shard, (batch_size, device, amp), datadir, settings, _embed_columns)
 
 
-def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto", datadir=None) -> Path:
+def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto", datadir=None,
+         amp="auto") -> Path:
     """In-plane poses of every particle in RELION's convention (``rlnAnglePsi``, ``rlnOriginXAngst``,
     ``rlnOriginYAngst``, replacing any the input had, with each particle's own pixel size) in a copy of
     ``star_path``, plus ``<stem>_poses.png``, and what the posterior says about their reliability:
@@ -234,19 +240,21 @@ def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto"
 
     Sharding as in ``embed``.
     """
-    return _run(run_dir, star_path, out_star, shard, batch_size, device, datadir, {"kind": "pose"},
+    return _run(run_dir, star_path, out_star, shard, (batch_size, device, amp), datadir, {"kind": "pose"},
                 _pose_columns)
 
 
-def _run(run_dir, star_path, out_star, shard, batch_size, device, datadir, settings, make_columns) -> Path:
-    """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run."""
+def _run(run_dir, star_path, out_star, shard, compute, datadir, settings, make_columns) -> Path:
+    """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run.
+    ``compute`` = (batch size, device, amp) of ``encode_particles``."""
+    batch_size, device, amp = compute
     star_path, out_star = Path(star_path).resolve(), Path(out_star)
     refuse_overwriting([out_star], [star_path, checkpoint_path(run_dir)])
     model, _ = load_model(run_dir, map_location=resolve_device(device))
     particles = open_particles(star_path, datadir=datadir)
     refuse_overwriting([out_star], particles.stack_paths)
     rows = shard_rows(len(particles), shard)
-    encoded = encode_particles(model, particles, batch_size, device, rows)
+    encoded = encode_particles(model, particles, batch_size, device, rows, amp)
     source = {**settings, "star_path": str(star_path), "n_rows": len(particles),
               "run_dir": str(Path(run_dir).resolve()),
               "datadir": "" if datadir is None else str(Path(datadir).resolve())}

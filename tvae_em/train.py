@@ -28,7 +28,6 @@ Files in ``run_dir``, each written atomically (rank 0 only):
 """
 
 import csv
-import functools
 import math
 import os
 import signal
@@ -49,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tvae_em import checkpoint as ckpt
-from tvae_em.device import resolve_device
+from tvae_em.device import AMP_MODES, bf16_autocast_enabled, resolve_device
 from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
 from tvae_em.io.atomic import atomic_path
 from tvae_em.model import ModelConfig
@@ -60,8 +59,7 @@ LOG_FILE = "log.csv"
 CURVE_FILE = "learning_curve.png"
 METRICS = ("elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift")
 LOG_COLUMNS = ("epoch", "train_elbo", "val_elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift",
-               "lr", "seconds")
-AMP_MODES = ("auto", "bf16", "off")
+               "lr", "seconds", "data_wait")
 
 # Independent random streams, each seeded by (seed, stream, ...).
 _SPLIT, _INIT, _ORDER, _NOISE, _VALIDATION = range(5)
@@ -214,7 +212,7 @@ class _Trainer:
         self.config, self.particles, self.run_dir = config, particles, run_dir
         self.device, self.group, self.signals = device, group, signals
         self.writes = group.rank == 0
-        self.amp = _amp_enabled(config.amp, device)
+        self.amp = bf16_autocast_enabled(config.amp, device)
         if not resume and (run_dir / ckpt.LAST).exists():
             raise UsageError(f"{run_dir} already holds a training run: resume it or choose another directory")
         checkpoint = self._checkpoint_to_resume() if resume else None
@@ -297,7 +295,8 @@ class _Trainer:
             raise self._interrupted(epoch)
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        train_metrics = self._train_epoch(epoch)
+        train_metrics, waited = self._train_epoch(epoch)
+        train_seconds = time.perf_counter() - start
         val_metrics = self._validate(epoch)
         monitored = -(val_metrics or train_metrics)["elbo"]
         self.scheduler.step(monitored)
@@ -312,24 +311,28 @@ class _Trainer:
         row = {"epoch": epoch, "train_elbo": train_metrics["elbo"],
                "val_elbo": val_metrics["elbo"] if val_metrics else math.nan,
                **{name: train_metrics[name] for name in METRICS[1:]},
-               "lr": lr, "seconds": round(time.perf_counter() - start, 3)}
+               "lr": lr, "seconds": round(time.perf_counter() - start, 3),
+               "data_wait": round(waited / max(train_seconds, 1e-9), 4)}
         self.history.append(row)
         if self.writes:
             self._save(improved)
         if self.config.progress and self.writes:
             val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
             tqdm.write(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, lr {lr:.3g}, "
-                       f"{row['seconds']:.1f} s{' (best)' if improved else ''}", file=sys.stderr)
+                       f"{row['seconds']:.1f} s (waiting for data {100 * row['data_wait']:.0f} %)"
+                       f"{' (best)' if improved else ''}", file=sys.stderr)
 
-    def _train_epoch(self, epoch: int) -> dict:
+    def _train_epoch(self, epoch: int) -> tuple[dict, float]:
+        """The epoch's training metrics and the seconds the loop spent waiting for the next batch of images."""
         batches = self._shard(self._epoch_batches(epoch))
         noise = _generator(self.device, self.config.seed, _NOISE, epoch, self.group.rank)
         totals = _Totals()
         self.model.train()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{self.config.epochs}", unit="batch", leave=False,
                    file=sys.stderr, disable=not (self.config.progress and self.writes))
+        loader = _WaitClock(self._load(batches))
         with bar:
-            for batch, (indices, images) in enumerate(self._load(batches), start=1):
+            for batch, (indices, images) in enumerate(loader, start=1):
                 with self._autocast():
                     terms = self.elbo(self._to_device(indices, images), noise)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -349,7 +352,7 @@ class _Trainer:
                 totals.add(terms, len(indices))
                 bar.update()
                 bar.set_postfix(elbo=f"{totals.running_elbo():.2f}", refresh=False)
-        return totals.reduce(self.group, self.device)
+        return totals.reduce(self.group, self.device), loader.waited
 
     @torch.no_grad()
     def _validate(self, epoch: int) -> dict | None:
@@ -439,6 +442,25 @@ class _Trainer:
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
+
+class _WaitClock:
+    """Iterates over ``batches`` and adds up the seconds spent waiting for each item (the data-wait time)."""
+
+    def __init__(self, batches):
+        self.batches, self.waited = batches, 0.0
+
+    def __iter__(self):
+        items = iter(self.batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield item
+
 
 class _Totals:
     """Particle-weighted sums of the ELBO terms over an epoch (on this rank)."""
@@ -609,25 +631,6 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(_seed(*key))
     return generator
-
-
-def _amp_enabled(amp: str, device: torch.device) -> bool:
-    """bfloat16 autocast: always with 'bf16'; with 'auto' on CUDA and on CPUs with AMX-BF16 matrix units, where
-    it trains the paper's MNIST model ~2x faster than float32 with the same ELBO curve (benchmarks/RESULTS.md,
-    "Throughput"; other CPUs keep float32: their bfloat16 speed is unmeasured)."""
-    if amp == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16())
-    return amp == "bf16"
-
-
-@functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether the CPU advertises AMX-BF16 (Linux /proc/cpuinfo flag ``amx_bf16``; False where unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in handle)
-    except OSError:
-        return False
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:

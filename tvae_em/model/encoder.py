@@ -32,6 +32,7 @@ from torch import nn
 _DENORMAL = 1e-20  # escnn's sampled filter bases hold denormal floats that slow CPU convolutions ~1.6x
 _SLOPE = 0.01  # negative slope of escnn's LeakyReLU (its default), reproduced by the plain-torch path
 _UNFOLDED_VALUES = 1 << 22  # input patches unfolded at a time for the first layer's filter gradient
+_ROWS = 1 << 13  # cells per float32 product of the output layer in bfloat16 inference
 
 
 @dataclass
@@ -90,7 +91,7 @@ class GroupConvEncoder(nn.Module):
         Call after training; ``train()`` drops the exported copy so training expands the filters again.
         """
         self.net.eval()
-        self._exported = self.net.export()
+        self._exported = self.net.export().requires_grad_(False)  # a frozen copy, not more parameters
 
     def train(self, mode: bool = True):
         if mode:
@@ -144,11 +145,22 @@ def plain_group_conv(images: torch.Tensor, filters: list, padding: int) -> torch
     b, _, m, _ = h.shape
     # (B M M, C): a view of channels-last output, a copy of NCHW output
     h = F.leaky_relu(h, _SLOPE, inplace=True).permute(0, 2, 3, 1).reshape(b * m * m, -1)
-    for i, (weight, bias) in enumerate(pointwise):
-        h = F.linear(h, weight.flatten(1), bias)
-        if i < len(pointwise) - 1:
-            h = F.leaky_relu(h, _SLOPE, inplace=True)
+    *hidden, (last, last_bias) = pointwise
+    for weight, bias in hidden:
+        h = F.leaky_relu(F.linear(h, weight.flatten(1), bias), _SLOPE, inplace=True)
+    h = _output_layer(h, last.flatten(1), last_bias)
     return h.view(b, m, m, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def _output_layer(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The last 1x1 layer. In inference under autocast it runs in float32 on rows of a few thousand cells at a
+    time: rounding the attention logits to bfloat16 (steps of 0.25 at 50) would move the most probable cell of
+    ambiguous particles; the layer has few outputs, so float32 costs little there."""
+    if torch.is_grad_enabled() or not torch.is_autocast_enabled(h.device.type):
+        return F.linear(h, weight, bias)
+    with torch.autocast(h.device.type, enabled=False):
+        bias = None if bias is None else bias.float()
+        return torch.cat([F.linear(rows.float(), weight.float(), bias) for rows in h.split(_ROWS)])
 
 
 def _first_layer_channels_last(device_type: str) -> bool:
