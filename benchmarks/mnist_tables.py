@@ -99,7 +99,8 @@ BUDGETS = {
     # of 32 fields. Batches of 32 (the paper: 100) give ~3x more optimiser steps for the same arithmetic; on
     # P8 MNIST(U) rotation r went from 0.36 (5 epochs of batches of 100) to 0.58 (this preset, train()) and
     # 0.73-0.86 after 6-9 epochs in a plain loop with another data order (benchmarks/RESULTS.md). A P8 epoch
-    # takes ~1 min on 2 idle cores, most of it in the generator.
+    # takes ~1 min on 2 idle cores with z_dim 2 (most of it in the generator), ~2 min with z_dim 32; the whole
+    # grid takes ~3 h, not the 2 h the preset was meant for (benchmarks/RESULTS.md).
     "cpu": Budget(n_train=3000, n_test=1000, fields=16, kernel=33, padding=8, generator_width=256,
                   generator_depth=3, fourier_features=128, fourier_scale=2.0, epochs=8, lr=1e-3, batch_size=32),
     "gpu": Budget(n_train=60000, n_test=10000, fields=128, kernel=28, padding=8, generator_width=512,
