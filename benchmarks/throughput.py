@@ -41,7 +41,7 @@ from multiprocessing import get_context
 
 import torch
 
-from tvae_em.device import bf16_autocast_enabled, cpu_has_amx_bf16
+from tvae_em.device import bf16_autocast, bf16_autocast_enabled, cpu_has_amx_bf16
 from tvae_em.model import ModelConfig, TargetVAE
 
 CONFIGS = {
@@ -157,7 +157,7 @@ def _train_step(model: TargetVAE, images: torch.Tensor, device: torch.device, am
     noise = torch.Generator(device=device).manual_seed(2)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with bf16_autocast(device, amp):
             loss = model.elbo(images, noise).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,7 +168,7 @@ def _train_step(model: TargetVAE, images: torch.Tensor, device: torch.device, am
 
 def _encode_step(model: TargetVAE, images: torch.Tensor, device: torch.device, amp: bool):
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with bf16_autocast(device, amp):
             model.encode(images)
 
     return step

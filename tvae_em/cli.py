@@ -18,6 +18,7 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
 _DATADIR = click.option("--datadir", type=click.Path(file_okay=False),
                         help="Folder holding the stacks named in rlnImageName (tried as datadir/path, then "
                              "datadir/basename) when they are not relative to the STAR file.")
+# the choices are device.AMP_MODES, written out so that --help does not import torch
 _AMP = click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
                     help="bfloat16 autocast: 'auto' on CUDA GPUs and CPUs with AMX-BF16 units, 'bf16' always, "
                          "'off' for float32 throughout.")

@@ -41,6 +41,11 @@ def bf16_autocast_enabled(amp: str, device: torch.device) -> bool:
     return amp == "bf16"
 
 
+def bf16_autocast(device: torch.device, enabled: bool):
+    """The autocast context of every bfloat16 path (training, inference, benchmarks); a no-op when disabled."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @functools.cache
 def cpu_has_amx_bf16() -> bool:
     """Whether the CPU advertises AMX-BF16 (Linux /proc/cpuinfo flag ``amx_bf16``; False where unreadable)."""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from tvae_em import plots
 from tvae_em.checkpoint import checkpoint_path, load_model
-from tvae_em.device import bf16_autocast_enabled, resolve_device
+from tvae_em.device import bf16_autocast, bf16_autocast_enabled, resolve_device
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_path, refuse_overwriting
 from tvae_em.io.stack import open_particles
@@ -74,7 +74,7 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
             following = start + batch_size
             if following < n:
                 pending = reader.submit(particles.read, indices[following:following + batch_size])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(device, bf16):
                 estimate = model.encode(torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device))
             for name in ENCODED_FIELDS:
                 results[name][start:start + len(images)] = getattr(estimate, name).float().cpu().numpy()
@@ -223,7 +223,8 @@ def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None
         raise UsageError(f"the number of clusters must be at least 1, got {clusters}")
     settings = {"kind": "embed", "clusters": 0 if clusters is None else int(clusters), "method": method,
                 "seed": int(seed)}
-    return _run(run_dir, star_path, out_star, shard, (batch_size, device, amp), datadir, settings, _embed_columns)
+    return _run(run_dir, star_path, out_star, shard, settings, _embed_columns, batch_size=batch_size, device=device,
+                amp=amp, datadir=datadir)
 
 
 def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto", datadir=None,
@@ -240,14 +241,12 @@ def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto"
 
     Sharding as in ``embed``.
     """
-    return _run(run_dir, star_path, out_star, shard, (batch_size, device, amp), datadir, {"kind": "pose"},
-                _pose_columns)
+    return _run(run_dir, star_path, out_star, shard, {"kind": "pose"}, _pose_columns, batch_size=batch_size,
+                device=device, amp=amp, datadir=datadir)
 
 
-def _run(run_dir, star_path, out_star, shard, compute, datadir, settings, make_columns) -> Path:
-    """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run.
-    ``compute`` = (batch size, device, amp) of ``encode_particles``."""
-    batch_size, device, amp = compute
+def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_size, device, amp, datadir) -> Path:
+    """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run."""
     star_path, out_star = Path(star_path).resolve(), Path(out_star)
     refuse_overwriting([out_star], [star_path, checkpoint_path(run_dir)])
     model, _ = load_model(run_dir, map_location=resolve_device(device))

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tvae_em import checkpoint as ckpt
-from tvae_em.device import AMP_MODES, bf16_autocast_enabled, resolve_device
+from tvae_em.device import AMP_MODES, bf16_autocast, bf16_autocast_enabled, resolve_device
 from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
 from tvae_em.io.atomic import atomic_path
 from tvae_em.model import ModelConfig
@@ -401,7 +401,7 @@ class _Trainer:
         return images.to(self.device, non_blocking=True)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return bf16_autocast(self.device, self.amp)
 
     def _consensus(self, *flags) -> list[bool]:
         """Flags OR-ed over all ranks, so that every rank stops at the same batch."""
