@@ -129,6 +129,23 @@ def test_kl_closed_form_matches_monte_carlo():
         assert abs(mc - closed[i].item()) < 0.02 * closed[i].item(), (mc, closed[i].item())
 
 
+def test_fused_z_kl_and_weighted_sums_match_their_elementwise_definitions():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    logstd = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    fused = posterior.StandardNormalKL.apply(mu, logstd)
+    assert torch.allclose(fused, posterior.kl_normal(mu, logstd, 0.0, 1.0).sum(1))
+    assert torch.autograd.gradcheck(posterior.StandardNormalKL.apply, (mu, logstd))
+
+    w = torch.softmax(torch.randn(2, 100, generator=g), 1).view(2, 4, 5, 5)
+    cells = torch.randn(2, 3, 4, 5, 5, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the sums stay float32 under autocast
+        summed, summed_one = posterior.weighted_sum(w, cells), posterior.weighted_sum(w, cells[:, 0])
+    assert summed.dtype == torch.float32
+    assert torch.allclose(summed, (w[:, None] * cells).flatten(2).sum(2), atol=1e-6)
+    assert torch.allclose(summed_one, summed[:, 0])
+
+
 def test_rotation_prior_normal_prefers_small_angles():
     priors = posterior.Priors(rotations=8, rotation_prior="normal")
     grid = torch.zeros(1, 1, 2)

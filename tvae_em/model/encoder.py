@@ -100,20 +100,20 @@ class GroupConvEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         if self.escnn_forward:
-            out = self.net(enn.GeometricTensor(images, self.in_type)).tensor
+            out = self.net(enn.GeometricTensor(images, self.in_type)).tensor.float()
         else:
             out = plain_group_conv(images, self._filters(), self.padding)
         b, _, m, _ = out.shape
-        # escnn lays out regular fields contiguously: channel = field * R + rotation element.
-        fields = out.view(b, -1, self.rotations, m, m)
+        # escnn lays out regular fields contiguously: channel = field * R + rotation element. One split, not
+        # indexing: autograd joins split gradients in one pass, where each index would zero a full-size tensor.
         z = self.z_dim
-        result = EncoderOutput(
-            logits=fields[:, 0], theta_mu=fields[:, 1], theta_logstd=fields[:, 2],
-            z_mu=fields[:, 3:3 + z], z_logstd=fields[:, 3 + z:3 + 2 * z],
-        )
+        sizes = [1, 1, 1, z, z] + ([2, 1] if self.subpixel else [])
+        logits, theta_mu, theta_logstd, z_mu, z_logstd, *shift = out.view(b, -1, self.rotations, m, m).split(
+            sizes, dim=1)
+        result = EncoderOutput(logits=logits.squeeze(1), theta_mu=theta_mu.squeeze(1),
+                               theta_logstd=theta_logstd.squeeze(1), z_mu=z_mu, z_logstd=z_logstd)
         if self.subpixel:
-            result.shift_mu = fields[:, 3 + 2 * z:5 + 2 * z]
-            result.shift_logstd = fields[:, 5 + 2 * z]
+            result.shift_mu, result.shift_logstd = shift[0], shift[1].squeeze(1)
         return result
 
     def _filters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -131,7 +131,7 @@ def plain_group_conv(images: torch.Tensor, filters: list, padding: int) -> torch
     Channels-last layout throughout: the first convolution writes (B, M, M, C) memory, on which each 1x1 group
     convolution is one matrix product (``F.linear``) over the channel axis. Activations are applied in place on
     whole tensors (never on views, which would make autograd copy their gradients back into the base), so
-    autograd keeps one tensor per layer. Returns (B, C_out, M, M).
+    autograd keeps one tensor per layer. Returns float32 (B, C_out, M, M).
     """
     (first, first_bias), *pointwise = filters
     if _first_layer_channels_last(images.device.type):
@@ -149,7 +149,8 @@ def plain_group_conv(images: torch.Tensor, filters: list, padding: int) -> torch
     for weight, bias in hidden:
         h = F.leaky_relu(F.linear(h, weight.flatten(1), bias), _SLOPE, inplace=True)
     h = _output_layer(h, last.flatten(1), last_bias)
-    return h.view(b, m, m, -1).permute(0, 3, 1, 2).contiguous()
+    # one pass for both the layout and the cast: the posterior works in float32 on every cell
+    return h.view(b, m, m, -1).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _output_layer(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
