@@ -160,11 +160,11 @@ def weighted_sum(w: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
 
     A batched matrix-vector product, so that neither pass builds the (B, C, R, M, M) products.
     """
-    b = w.shape[0]
-    channels = cell.shape[1] if cell.dim() == w.dim() + 1 else 1
+    b, per_channel = w.shape[0], cell.dim() == w.dim() + 1
     with torch.autocast(w.device.type, enabled=False):
-        summed = torch.bmm(cell.float().reshape(b, channels, -1), w.float().reshape(b, -1, 1))
-    return summed.view(b, channels) if cell.dim() == w.dim() + 1 else summed.view(b)
+        summed = torch.bmm(cell.float().reshape(b, -1 if per_channel else 1, w[0].numel()),
+                           w.float().reshape(b, -1, 1)).squeeze(-1)
+    return summed if per_channel else summed.view(b)
 
 
 def rotate_shift(shift_mu: torch.Tensor) -> torch.Tensor:
