@@ -46,3 +46,7 @@ def test_tiny_cell_and_baseline_write_both_tables(tmp_path, capsys):
     # a second invocation reuses the scored cells instead of retraining and rewrites the section in place
     bench.main(args)
     assert results.read_text().count(bench.SECTION) == 1
+    assert "this invocation" in results.read_text()
+    # --report-only trains nothing, so it states no wall time of its own
+    bench.main([*args, "--report-only"])
+    assert results.read_text().count(bench.SECTION) == 1 and "this invocation" not in results.read_text()
