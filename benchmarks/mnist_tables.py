@@ -100,8 +100,8 @@ BUDGETS = {
     # 26 x 26 translation cells reach +-12.5 px (2.5 standard deviations of the digits' shifts) rather than
     # +-16.5 px: 42 % fewer cells. Batches of 32 (the paper: 100) give ~3x more optimiser steps for the same
     # arithmetic. 8 epochs: the whole grid is meant to finish in under 2 h on 2 cores (benchmarks/RESULTS.md).
-    # lr 2e-3: at 1e-3 the P8 MNIST(U) rotation frame was still forming after 8 epochs (r 0.54 and 0.72 for two
-    # seeds; 0.75 and 0.80 at 2e-3).
+    # lr 2e-3: at 1e-3 the P8 MNIST(U) rotation frame was often still forming after 8 epochs (r 0.54 and 0.72
+    # for seeds 0 and 1; at 2e-3 0.75, 0.80 and 0.69 for seeds 0-2).
     "cpu": Budget(n_train=3000, n_test=1000, fields=16, kernel=33, padding=4, generator_width=256,
                   generator_depth=2, fourier_features=128, fourier_scale=2.0, epochs=8, lr=2e-3, batch_size=32),
     "gpu": Budget(n_train=60000, n_test=10000, fields=128, kernel=28, padding=8, generator_width=512,
