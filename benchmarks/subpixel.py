@@ -28,7 +28,7 @@ def train_and_score(subpixel, n, epochs, seed):
     data = make_shapes(n + 300, size=SIZE, seed=seed, shift_std_px=SHIFT_STD_PX, height_fraction=0.65)
     images = torch.from_numpy(data["images"]).clamp(0, 1)
     config = ModelConfig(image_size=SIZE, rotations=8, z_dim=2, encoder_fields=16, generator_width=128,
-                         generator_depth=2, fourier_features=128, fourier_scale=2.0,
+                         generator_depth=2, fourier_features=128, fourier_scale=0.125,
                          translation_prior_std=SHIFT_STD_PX, subpixel=subpixel)
     model = TargetVAE(config)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -104,7 +104,8 @@ def test_kl_closed_form_matches_monte_carlo():
     enc = _random_encoder_output(r=r, m=m)
     priors = posterior.Priors(rotations=r, translation_std_px=2.0, shift_std_px=0.5)
     grid = GroupConvEncoder(r, 2, fields=1, kernel=7, padding=0).grid(n_img)
-    log_q, log_p = posterior.log_q_tr(enc), posterior.log_prior_tr(priors, grid, n_img)
+    log_q = posterior.log_q_tr(enc, posterior.log_prior_r(priors))
+    log_p = posterior.log_prior_tr(priors, grid, n_img)
     closed = posterior.kl_divergence(enc, log_q, log_p, priors, n_img).total
 
     # Monte Carlo over the factorisation of eq. 3, independent of the closed form
@@ -156,7 +157,7 @@ def test_rotation_prior_normal_prefers_small_angles():
 
 def _tiny_model(subpixel=False, likelihood="bernoulli"):
     cfg = ModelConfig(image_size=20, rotations=4, z_dim=2, encoder_fields=4, encoder_kernel=9,
-                      encoder_padding=2, generator_width=32, fourier_features=16, fourier_scale=1.0,
+                      encoder_padding=2, generator_width=32, fourier_features=16, fourier_scale=0.1,
                       subpixel=subpixel, likelihood=likelihood, translation_prior_std=3.0)
     return TargetVAE(cfg)
 
@@ -199,3 +200,95 @@ def test_encoder_export_gives_identical_outputs():
         assert torch.allclose(getattr(before, name), getattr(after, name), atol=1e-5)
     model.train()
     assert model.encoder._exported is None
+
+
+# --- issue 18's defects: each a regression test -------------------------------------------------------------
+
+def test_coordinates_stay_float32_under_bfloat16_autocast():
+    coords = pixel_coordinates(128)
+    theta, t = torch.tensor([0.3, 2.9]), torch.tensor([[0.11, -0.2], [0.013, 0.4]])
+    exact = transform_coordinates(coords.double(), theta.double(), t.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = transform_coordinates(coords, theta, t)
+    assert autocast.dtype == torch.float32
+    pixel = 2 / 128
+    assert (autocast.double() - exact).abs().max() < 1e-4 * pixel
+
+
+def test_theta_sample_split_across_the_seam_lands_between_the_two_bins():
+    """q split between the last and the first rotation bin: every sample lies on the short arc between them."""
+    r, m = 8, 3
+    enc = _random_encoder_output(b=200, r=r, m=m, subpixel=False)
+    enc.theta_mu.zero_()
+    enc.theta_logstd.fill_(-20.0)  # no spread: theta is the averaged offset itself
+    logits = torch.full((200, r, m, m), -1e4)
+    logits[:, [0, r - 1], 1, 1] = 0.0
+    log_q = torch.log_softmax(logits.flatten(1), 1).view_as(logits)
+    draw = posterior.sample(enc, log_q, torch.zeros(m, m, 2), 1.0, torch.Generator().manual_seed(0))
+    last = 2 * math.pi * (r - 1) / r
+    on_arc = (torch.remainder(draw.theta, 2 * math.pi) >= last - 1e-5) | (draw.theta.abs() < 1e-5)
+    assert on_arc.all(), draw.theta[~on_arc][:5]
+
+
+@pytest.mark.parametrize("box", [32, 128])
+def test_fourier_bandwidth_is_set_per_pixel_whatever_the_box(box):
+    torch.manual_seed(0)
+    config = ModelConfig(image_size=box, encoder_fields=1, generator_width=8, fourier_features=4096,
+                         fourier_scale=0.1)
+    frequencies = TargetVAE(config).generator.fourier_b  # cycles per unit of the frame: box / 2 pixels
+    cycles_per_px = frequencies / (box / 2)
+    assert abs(cycles_per_px.std().item() - 0.1) < 0.005
+
+
+def test_normal_rotation_prior_tilts_the_attention_over_rotations():
+    """With flat attention logits q(r | y) is p(r) (the authors' code adds log p(r) to the logits)."""
+    priors = posterior.Priors(rotations=8, rotation_prior="normal")
+    enc = _random_encoder_output(b=1, r=8, m=3, subpixel=False)
+    enc.logits.zero_()
+    q_r = posterior.log_q_tr(enc, posterior.log_prior_r(priors)).exp().sum((2, 3))[0]
+    p_r = posterior.log_prior_tr(priors, torch.zeros(3, 3, 2), 10).exp().sum((1, 2))
+    assert torch.allclose(q_r, p_r, atol=1e-6)
+    assert q_r[0] > q_r[1] > q_r[2]
+
+
+@pytest.mark.parametrize("box", [32, 48, 50, 64, 100, 128])
+def test_default_grid_has_a_cell_on_the_relion_box_centre(box):
+    config = ModelConfig(image_size=box, encoder_fields=1, generator_width=8, fourier_features=8)
+    assert config.encoder_kernel % 2 == 1
+    grid = GroupConvEncoder(8, 2, fields=1, kernel=config.encoder_kernel, padding=config.encoder_padding).grid(box)
+    assert (grid.abs().sum(-1) == 0).sum() == 1  # one cell exactly at x = 0: pixel N//2, RELION's centre
+    spacing = grid[0, 1, 0] - grid[0, 0, 0]
+    assert math.isclose(spacing.item(), 2 / box, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("true_x,true_y", [(0.0, 0.0), (0.3, -0.2), (-0.45, 0.5), (0.5, 0.0)])
+def test_peak_offset_recovers_a_gaussian_peak_between_cells(true_x, true_y):
+    m, centre = 9, 4
+    rows, cols = torch.meshgrid(torch.arange(m).float(), torch.arange(m).float(), indexing="ij")
+    log_q = -((cols - centre - true_x) ** 2 + (rows - centre - true_y) ** 2) / (2 * 0.8 ** 2)
+    log_q = torch.log_softmax(log_q.flatten(), 0).view(1, m, m)
+    best = log_q.flatten().argmax()
+    offset = posterior.peak_offset(log_q, best[None] // m, best[None] % m)[0]
+    position = torch.stack([best % m, best // m]).float() + offset - centre
+    assert torch.allclose(position, torch.tensor([true_x, true_y]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [None, 18])  # the default (odd) and an even kernel, cells on half pixels
+def test_centred_particle_gets_origin_zero_in_relion_convention(kernel):
+    """An encoder whose q(t | y) peaks on RELION's box centre (pixel N//2): the written origin is 0, also when
+    the centre falls between two cells (even kernels), where the MAP cell alone would say +-0.5 px."""
+    from tvae_em.poses import model_to_relion
+
+    box = 32
+    model = TargetVAE(ModelConfig(image_size=box, encoder_fields=1, encoder_kernel=kernel, generator_width=8,
+                                  fourier_features=8)).eval()
+    r, m = model.config.rotations, model.grid.shape[0]
+    peaked = _random_encoder_output(b=1, r=r, m=m, subpixel=False)
+    distance2_px = (model.grid ** 2).sum(-1) * (box / 2) ** 2
+    peaked.logits = (-distance2_px / (2 * 1.5 ** 2)).expand(1, r, m, m).clone()
+    model.encoder.forward = lambda images: peaked
+    estimate = model.encode(torch.zeros(1, box, box))
+    _, x_angst, y_angst = model_to_relion(estimate.theta.numpy(), estimate.t.numpy(), box, 1.0)
+    assert abs(x_angst[0]) < 0.1 and abs(y_angst[0]) < 0.1, (x_angst, y_angst)
+    whole_cell = model_to_relion(estimate.theta.numpy(), estimate.t_cell.numpy(), box, 1.0)[1]
+    assert abs(whole_cell[0]) == (0.5 if kernel == 18 else 0.0)

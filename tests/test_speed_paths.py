@@ -24,7 +24,7 @@ from tvae_em.simulate import has_mnist, load_mnist, make_mnist_variant
 
 MNIST_DIR = Path("/work/shared/data/mnist")
 SMALL = dict(image_size=28, rotations=8, encoder_fields=4, encoder_kernel=15, encoder_padding=4, generator_width=32,
-             fourier_features=64, fourier_scale=3.0)
+             fourier_features=64, fourier_scale=0.2)
 
 
 @pytest.fixture(autouse=True)

@@ -190,16 +190,22 @@ def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, 
 @click.argument("star", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
               help="Output STAR: the input plus rlnAnglePsi, rlnOriginXAngst/YAngst and _tvaePose.. columns.")
+@click.option("--replace-angles", is_flag=True,
+              help="For a STAR from a 3-D refinement (rlnAngleRot/Tilt present): write the in-plane pose to "
+                   "rlnAnglePsi and rlnOriginX/YAngst instead of keeping the refinement's and writing "
+                   "_tvaeAnglePsi, _tvaeOriginX/YAngst.")
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
 @_DATADIR
-def pose(run_dir, star, out_star, shard, batch_size, device, amp, datadir):
+def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp, datadir):
     """Infer each particle's in-plane rotation and shift, in RELION's convention.
 
     Reads a trained RUN folder and a particle STAR; writes OUT with rlnAnglePsi (deg), rlnOriginXAngst,
-    rlnOriginYAngst, _tvaePoseEntropy, _tvaePoseMaxProb, _tvaeSymmetryHint, plus a pose histogram plot.
+    rlnOriginYAngst, _tvaePoseEntropy, _tvaePoseMaxProb, _tvaePoseLocalMass, _tvaeSymmetryHint, plus a pose
+    histogram plot, and says how many poses are uncertain (less than half of the posterior within 1 px and
+    one rotation bin of the chosen pose).
 
     \b
     Example:
@@ -208,7 +214,7 @@ def pose(run_dir, star, out_star, shard, batch_size, device, amp, datadir):
     from tvae_em import infer
 
     path = infer.pose(run_dir, star, out_star, shard=_parse_shard(shard), batch_size=batch_size,
-                      device=device, amp=amp, datadir=datadir)
+                      device=device, amp=amp, datadir=datadir, replace_angles=replace_angles)
     click.echo(f"wrote {path}", err=True)
 
 

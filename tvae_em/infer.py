@@ -14,6 +14,7 @@ unsharded outputs are identical.
 
 import hashlib
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,13 @@ from tvae_em.metrics import WARD_MAX_POINTS, cluster
 from tvae_em.poses import model_to_relion
 from tvae_em.render import CLUSTER_COLUMN, decode_at, z_columns
 
-ENCODED_FIELDS = ("z_mu", "z_std", "theta", "t", "entropy", "rotation_mass", "max_prob")
-POSE_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "tvaePoseEntropy", "tvaePoseMaxProb",
-                "tvaeSymmetryHint", "tvaeRotationMassTop")
+ENCODED_FIELDS = ("z_mu", "z_std", "theta", "t", "entropy", "rotation_mass", "max_prob", "local_mass",
+                  "translation_mass")
+RELION_POSE = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+TVAE_POSE = ("tvaeAnglePsi", "tvaeOriginXAngst", "tvaeOriginYAngst")  # beside a 3-D refinement's own angles
+REFINEMENT_ANGLES = ("rlnAngleRot", "rlnAngleTilt")
+CONFIDENCE_COLUMN = "tvaePoseLocalMass"
+CONFIDENT_MASS = 0.5  # a pose is confident when this much of q(t, r | y) lies within 1 px and 1 bin of it
 _SHARD_FORMAT = 1
 
 
@@ -49,8 +54,9 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
     float32's to bfloat16 rounding (tests/test_speed_paths.py).
 
     Keys: z_mu, z_std (n, Z); theta (n,) rad in [0, 2 pi); t (n, 2) model frame; entropy (n,) nats of
-    q(t, r | y); rotation_mass (n, R); max_prob (n,). The next batch is read from disk while the current one
-    is encoded, so at most two batches of images are in memory.
+    q(t, r | y); rotation_mass (n, R); max_prob, local_mass, translation_mass (n,) (``PoseEstimate``). The
+    next batch is read from disk while the current one is encoded, so at most two batches of images are in
+    memory.
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -64,8 +70,9 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
     n = len(indices)
     results = {"z_mu": np.empty((n, cfg.z_dim), np.float32), "z_std": np.empty((n, cfg.z_dim), np.float32),
                "theta": np.empty(n, np.float32), "t": np.empty((n, 2), np.float32),
-               "entropy": np.empty(n, np.float32), "rotation_mass": np.empty((n, cfg.rotations), np.float32),
-               "max_prob": np.empty(n, np.float32)}
+               "rotation_mass": np.empty((n, cfg.rotations), np.float32),
+               **{name: np.empty(n, np.float32) for name in ("entropy", "max_prob", "local_mass",
+                                                             "translation_mass")}}
     with ThreadPoolExecutor(max_workers=1) as reader, torch.no_grad(), \
             tqdm(total=n, unit="particle", desc="encoding", file=sys.stderr) as progress:
         pending = reader.submit(particles.read, indices[:batch_size]) if n else None
@@ -228,20 +235,26 @@ def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None
 
 
 def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto", datadir=None,
-         amp="auto") -> Path:
+         amp="auto", replace_angles=False) -> Path:
     """In-plane poses of every particle in RELION's convention (``rlnAnglePsi``, ``rlnOriginXAngst``,
     ``rlnOriginYAngst``, replacing any the input had, with each particle's own pixel size) in a copy of
     ``star_path``, plus ``<stem>_poses.png``, and what the posterior says about their reliability:
 
     - ``_tvaePoseEntropy``: entropy of q(t, r | y) in nats (0: one certain cell);
     - ``_tvaePoseMaxProb``: q of the chosen (t, r) cell;
+    - ``_tvaePoseLocalMass``: q within one pixel and one rotation bin of the chosen cell; below
+      ``CONFIDENT_MASS`` the pose is counted as uncertain (see ``confidence_report``);
     - ``_tvaeRotationMassTop``: the largest q(r | y) = sum over t of q(t, r | y), how sharply one
       rotation bin is preferred;
-    - ``_tvaeSymmetryHint``: the cyclic order that best explains q(r | y) (``symmetry_hint``).
+    - ``_tvaeSymmetryHint``: the cyclic order that best explains q(r | y) (``symmetry_hint``), or 0 where the
+      particle is not located (q(t | y) within one pixel of the chosen position below ``CONFIDENT_MASS``).
 
-    Sharding as in ``embed``.
+    An input from a 3-D refinement (``rlnAngleRot`` / ``rlnAngleTilt``) keeps its angles and origins: an
+    in-plane psi would not mean the same thing beside them. The in-plane pose then goes to ``_tvaeAnglePsi``,
+    ``_tvaeOriginXAngst`` and ``_tvaeOriginYAngst``, unless ``replace_angles``. Sharding as in ``embed``.
     """
-    return _run(run_dir, star_path, out_star, shard, {"kind": "pose"}, _pose_columns, batch_size=batch_size,
+    settings = {"kind": "pose", "replace_angles": bool(replace_angles)}
+    return _run(run_dir, star_path, out_star, shard, settings, _pose_columns, batch_size=batch_size,
                 device=device, amp=amp, datadir=datadir)
 
 
@@ -257,7 +270,7 @@ def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_s
     source = {**settings, "star_path": str(star_path), "n_rows": len(particles),
               "run_dir": str(Path(run_dir).resolve()),
               "datadir": "" if datadir is None else str(Path(datadir).resolve())}
-    results = Results(rows=rows, columns=make_columns(encoded, particles, rows), source=source)
+    results = Results(rows=rows, columns=make_columns(encoded, particles, rows, settings), source=source)
     if shard is None:
         return _finish(results, out_star, model=model, particles=particles)
     results.source["star_sha256"] = file_sha256(star_path)
@@ -281,7 +294,27 @@ def _finish(results: Results, out_star, model=None, particles=None) -> Path:
     else:
         _pose_figure(columns, out_star)
     write_star(out_star, particles.table, pd.DataFrame(columns), block=particles.block)
+    tqdm.write(confidence_report(columns[CONFIDENCE_COLUMN]), file=sys.stderr)
+    if TVAE_POSE[0] in columns:
+        tqdm.write(f"{source['star_path']} holds 3-D refinement angles ({', '.join(REFINEMENT_ANGLES)}): they and "
+                   f"the refinement's psi and origins are kept; the in-plane poses are in _{', _'.join(TVAE_POSE)} "
+                   "(use --replace-angles to write them to rlnAnglePsi and rlnOriginX/YAngst instead)",
+                   file=sys.stderr)
     return out_star
+
+
+def confidence_report(local_mass) -> str:
+    """One line counting the particles whose pose is uncertain; also a warning when they are the majority,
+    since then the latents and poses of most particles say little (an untrained or briefly trained model, or
+    images unlike those it was trained on)."""
+    uncertain = int(np.sum(np.asarray(local_mass) < CONFIDENT_MASS))
+    total = len(local_mass)
+    if uncertain > total / 2:
+        warnings.warn(f"most poses are uncertain ({uncertain} of {total}): the model does not place these "
+                      "particles; train it longer, or check that the images are like the training set",
+                      stacklevel=2)
+    return (f"{uncertain} of {total} particles ({100 * uncertain / max(total, 1):.1f} %) have uncertain poses "
+            f"(less than {CONFIDENT_MASS:.0%} of q(t, r | y) within 1 px and one rotation bin of the chosen cell)")
 
 
 def derived_path(out_star, role, suffix) -> Path:
@@ -292,10 +325,11 @@ def derived_path(out_star, role, suffix) -> Path:
 
 # --- embedding ----------------------------------------------------------------------------------------------
 
-def _embed_columns(encoded, particles, rows) -> dict:
+def _embed_columns(encoded, particles, rows, settings) -> dict:
     z_dim = encoded["z_mu"].shape[1]
     columns = dict(zip(z_columns(z_dim), encoded["z_mu"].T, strict=True))
     columns.update(zip(z_columns(z_dim, "tvaeZStd"), encoded["z_std"].T, strict=True))
+    columns[CONFIDENCE_COLUMN] = encoded["local_mass"]
     return columns
 
 
@@ -357,21 +391,25 @@ def _number_by_size(labels, k) -> np.ndarray:
 
 # --- poses --------------------------------------------------------------------------------------------------
 
-def _pose_columns(encoded, particles, rows) -> dict:
+def _pose_columns(encoded, particles, rows, settings) -> dict:
     psi_deg, origin_x, origin_y = model_to_relion(encoded["theta"].astype(np.float64),
                                                   encoded["t"].astype(np.float64), particles.box,
                                                   particles.pixel_sizes[rows])
+    refined = any(label in particles.table[particles.block].columns for label in REFINEMENT_ANGLES)
+    names = TVAE_POSE if refined and not settings["replace_angles"] else RELION_POSE
     mass = encoded["rotation_mass"]
-    values = (psi_deg, origin_x, origin_y, encoded["entropy"], encoded["max_prob"], symmetry_hint(mass),
-              mass.max(1))
-    return dict(zip(POSE_COLUMNS, values, strict=True))
+    located = encoded["translation_mass"] >= CONFIDENT_MASS
+    return {**dict(zip(names, (psi_deg, origin_x, origin_y), strict=True)),
+            "tvaePoseEntropy": encoded["entropy"], "tvaePoseMaxProb": encoded["max_prob"],
+            CONFIDENCE_COLUMN: encoded["local_mass"], "tvaeSymmetryHint": np.where(located, symmetry_hint(mass), 0),
+            "tvaeRotationMassTop": mass.max(1)}
 
 
 def _pose_figure(columns, out_star) -> None:
-    plots.pose_figure(derived_path(out_star, "poses", ".png"), psi_deg=columns["rlnAnglePsi"],
-                      origin_x_angst=columns["rlnOriginXAngst"], origin_y_angst=columns["rlnOriginYAngst"],
-                      entropy_nats=columns["tvaePoseEntropy"], max_prob=columns["tvaePoseMaxProb"],
-                      symmetry_hint=columns["tvaeSymmetryHint"])
+    psi, origin_x, origin_y = (columns[name] for name in (TVAE_POSE if TVAE_POSE[0] in columns else RELION_POSE))
+    plots.pose_figure(derived_path(out_star, "poses", ".png"), psi_deg=psi, origin_x_angst=origin_x,
+                      origin_y_angst=origin_y, entropy_nats=columns["tvaePoseEntropy"],
+                      local_mass=columns[CONFIDENCE_COLUMN], symmetry_hint=columns["tvaeSymmetryHint"])
 
 
 def symmetry_hint(rotation_mass) -> np.ndarray:

@@ -93,13 +93,15 @@ def cluster_colour(label):
     return colormaps["tab20"](2 * index if index < 10 else 2 * (index - 10) + 1)
 
 
-def pose_figure(path, psi_deg, origin_x_angst, origin_y_angst, entropy_nats, max_prob, symmetry_hint):
-    """Histograms of the inferred in-plane angle, shifts, posterior sharpness and symmetry hints."""
+def pose_figure(path, psi_deg, origin_x_angst, origin_y_angst, entropy_nats, local_mass, symmetry_hint):
+    """Histograms of the inferred in-plane angle, shifts, posterior sharpness and symmetry hints (0: the
+    particle was not located, no hint)."""
     fig = Figure(figsize=(12, 7), layout="constrained")
     axes = fig.subplots(2, 3)
-    panels = [(psi_deg, "rlnAnglePsi (deg)", np.linspace(-180, 180, 73)),
-              (origin_x_angst, "rlnOriginXAngst (Å)", 50), (origin_y_angst, "rlnOriginYAngst (Å)", 50),
-              (entropy_nats, "entropy of q(t, r | y) (nats)", 50), (max_prob, "max q(t, r | y)", 50)]
+    panels = [(psi_deg, "in-plane angle psi (deg)", np.linspace(-180, 180, 73)),
+              (origin_x_angst, "origin x (Å)", 50), (origin_y_angst, "origin y (Å)", 50),
+              (entropy_nats, "entropy of q(t, r | y) (nats)", 50),
+              (local_mass, "q(t, r | y) within 1 px and 1 bin of the pose", np.linspace(0, 1, 51))]
     for ax, (values, label, bins) in zip(axes.flat, panels, strict=False):
         ax.hist(np.asarray(values), bins=bins, color="tab:blue")
         ax.set(xlabel=label, ylabel="particles")

@@ -264,6 +264,30 @@ PARTICLE_OBJECTS = (
         ]
     ),
 )
+
+def _swing(blobs, hinge_xy, angle_deg):
+    """The blobs turned by ``angle_deg`` about the z axis through ``hinge_xy`` (a domain moving on a hinge)."""
+    angle = np.radians(angle_deg)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = blobs.copy()
+    moved[:, :2] = (blobs[:, :2] - hinge_xy) @ rotation.T + hinge_xy
+    return moved
+
+
+# One asymmetric object in two conformations: a four-blob core with a two-blob arm that swings by 60 degrees
+# about a hinge on the core, as a domain of a protein might; the core is the same in both.
+_CORE = np.array(
+    [
+        [-0.28, -0.10, 0.00, 0.12, 1.0],
+        [0.02, -0.24, 0.10, 0.11, 1.0],
+        [0.20, 0.02, -0.05, 0.10, 1.0],
+        [-0.08, 0.14, 0.00, 0.10, 1.0],
+    ]
+)
+_ARM = np.array([[0.26, 0.32, 0.05, 0.08, 1.0], [0.30, 0.52, 0.00, 0.07, 0.9]])
+_HINGE = np.array([0.20, 0.14])
+CONFORMATIONS = (np.vstack([_CORE, _ARM]), np.vstack([_CORE, _swing(_ARM, _HINGE, 60.0)]))
+OBJECT_SETS = {"shapes": PARTICLE_OBJECTS, "conformations": CONFORMATIONS}
 _SIGMA_REF = 0.1  # a blob of this width projects to a peak equal to its density
 
 
@@ -293,21 +317,25 @@ def project_object(blobs, tilt_rad, box):
 
 
 def simulate_particles(
-    n, box=64, n_objects=3, snr=1.0, seed=0, apix=2.0, max_tilt_deg=30.0, shift_std_px=3.0
+    n, box=64, n_objects=3, snr=1.0, seed=0, apix=2.0, max_tilt_deg=30.0, shift_std_px=3.0, objects="shapes"
 ):
     """Cryo-EM-like particle images with known object, view, in-plane rotation and shift.
 
-    Each particle is one of ``n_objects`` (<= 3) rigid Gaussian-blob objects, seen in a view tilted about
-    the y axis by U(-max_tilt_deg, max_tilt_deg): a continuous family of related views per object, like a
-    real particle, but narrow enough that a small model trained for minutes on a CPU can tell the objects
-    apart. The projection is then posed with theta ~ U(0, 2 pi) and a shift ~ N(0, shift_std_px^2) px per
+    Each particle is one of the first ``n_objects`` rigid Gaussian-blob objects of ``OBJECT_SETS[objects]``
+    (three different objects, 'shapes', or one object in two conformations, 'conformations'), seen in a view
+    tilted about the y axis by U(-max_tilt_deg, max_tilt_deg): a continuous family of related views per
+    object, like a real particle, but narrow enough that a small model trained for minutes on a CPU can tell
+    the objects apart. The projection is then posed with theta ~ U(0, 2 pi) and a shift ~ N(0, shift_std_px^2) px per
     axis, and white Gaussian noise is added at ``snr`` = variance of the clean images / noise variance.
     The default snr of 1 is far cleaner than real data (~0.01-0.1) so the demo learns quickly; lower it to
     test robustness. ``apix`` (Å/px) only labels the data. Returns the usual dict plus ``tilt_deg`` and
     ``clean`` (the noise-free posed images); ``canonical`` is each particle's clean, unposed projection.
     """
-    if not 1 <= n_objects <= len(PARTICLE_OBJECTS):
-        raise UsageError(f"number of objects must be 1 to {len(PARTICLE_OBJECTS)}, not {n_objects}")
+    if objects not in OBJECT_SETS:
+        raise UsageError(f"unknown object set {objects!r}; expected one of {', '.join(OBJECT_SETS)}")
+    blob_sets = OBJECT_SETS[objects]
+    if not 1 <= n_objects <= len(blob_sets):
+        raise UsageError(f"number of objects must be 1 to {len(blob_sets)}, not {n_objects}")
     if snr <= 0:
         raise UsageError(f"SNR must be positive, not {snr}")
     if n < 1:
@@ -318,7 +346,7 @@ def simulate_particles(
     theta = rng.uniform(0.0, 2 * np.pi, n)
     t_model = rng.normal(0.0, shift_std_px, (n, 2)) / (box / 2)
     views = zip(labels, np.deg2rad(tilt_deg), strict=True)
-    canonical = np.stack([project_object(PARTICLE_OBJECTS[k], tilt_rad, box) for k, tilt_rad in views])
+    canonical = np.stack([project_object(blob_sets[k], tilt_rad, box) for k, tilt_rad in views])
     clean = render_pose(canonical, theta, t_model)
     noise_std = np.sqrt(clean.var(axis=(1, 2)).mean() / snr)
     images = clean + rng.normal(0.0, noise_std, clean.shape).astype(np.float32)

@@ -33,6 +33,7 @@ _DENORMAL = 1e-20  # escnn's sampled filter bases hold denormal floats that slow
 _SLOPE = 0.01  # negative slope of escnn's LeakyReLU (its default), reproduced by the plain-torch path
 _UNFOLDED_VALUES = 1 << 22  # input patches unfolded at a time for the first layer's filter gradient
 _ROWS = 1 << 13  # cells per float32 product of the output layer in bfloat16 inference
+_OUTPUT_INIT_SCALE = 0.1  # initial weights of the posterior's location and scale fields, relative to escnn's
 
 
 @dataclass
@@ -52,7 +53,7 @@ class GroupConvEncoder(nn.Module):
     """y (B, 1, N, N) -> EncoderOutput. See the module docstring for the layers and the grid."""
 
     def __init__(self, rotations: int, z_dim: int, fields: int = 128, kernel: int = 28, padding: int = 8,
-                 subpixel: bool = False):
+                 subpixel: bool = False, theta_logstd_init: float = 0.0):
         super().__init__()
         self.rotations, self.z_dim, self.kernel, self.padding = rotations, z_dim, kernel, padding
         self.subpixel = subpixel
@@ -71,8 +72,27 @@ class GroupConvEncoder(nn.Module):
             enn.R2Conv(hidden, self.out_type, kernel_size=1),
         )
         _flush_denormal_bases(self.net)
+        self._start_near_priors(theta_logstd_init)
         self._exported = None
         self.escnn_forward = False  # True: run escnn's modules (the reference for the plain-torch path)
+
+    def _start_near_priors(self, theta_logstd: float) -> None:
+        """Initialise the output layer so that q(theta | t, r) and q(z | t, r) start close to their priors.
+
+        escnn's initialisation gives every output a spread of about 1-3 with extremes above 10 across the cells
+        of a batch, so some cells started with sigma_z = exp(16): KL_z of 1e8 nats and samples of z that wrecked
+        the first steps of training. Here every field but the attention logits gets its weights scaled by
+        ``_OUTPUT_INIT_SCALE`` and its bias set to the prior's value (log sigma_theta = ``theta_logstd``, log
+        sigma_z = 0, means 0); the logits keep escnn's initialisation, whose equivariant response to the image
+        is what first tells the cells apart. Scaling whole fields keeps the layer exactly equivariant.
+        """
+        last = self.net[-1]
+        fields = len(self.out_type)
+        with torch.no_grad():
+            weights = last.weights.view(fields, len(last.in_type), -1)  # [out field, in field, basis]
+            weights[1:] *= _OUTPUT_INIT_SCALE
+            last.bias.zero_()
+            last.bias[2] = theta_logstd  # field order: logits, theta_mu, theta_logstd, z_mu.., z_logstd.., shift..
 
     def grid_size(self, image_size: int) -> int:
         return image_size + 2 * self.padding - self.kernel + 1

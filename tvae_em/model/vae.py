@@ -28,12 +28,12 @@ class ModelConfig:
     rotations: int = 8
     z_dim: int = 2
     encoder_fields: int = 128
-    encoder_kernel: int | None = None  # None: 28/50 of the box, the paper's MNIST ratio (kernel > object)
+    encoder_kernel: int | None = None  # None: 28/50 of the box (the paper's MNIST ratio: kernel > object), odd
     encoder_padding: int | None = None  # None: 8/50 of the box
     generator_width: int = 512
     generator_depth: int = 2
     fourier_features: int = 1024
-    fourier_scale: float = 3.0
+    fourier_scale: float = 0.12  # std of the random Fourier frequencies, cycles per pixel of the box
     likelihood: str = "bernoulli"
     gaussian_std: float | None = None  # fixed pixel noise std; learned when None
     translation_prior_std: float = 5.0  # pixels
@@ -46,7 +46,8 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.encoder_kernel is None:
-            self.encoder_kernel = max(3, round(self.image_size * 28 / 50))
+            # odd, so that the translation cells sit on whole pixels and one of them on the box centre N//2
+            self.encoder_kernel = max(3, round(self.image_size * 28 / 50) // 2 * 2 + 1)
         if self.encoder_padding is None:
             self.encoder_padding = round(self.image_size * 8 / 50)
 
@@ -86,10 +87,13 @@ class PoseEstimate:
     z_mu: torch.Tensor  # (B, Z)
     z_std: torch.Tensor  # (B, Z)
     theta: torch.Tensor  # (B,) radians in [0, 2 pi): mu_theta + 2 pi r'/R at the cell
-    t: torch.Tensor  # (B, 2) generator frame: grid position (+ sub-pixel offset)
+    t: torch.Tensor  # (B, 2) generator frame: sub-pixel position of the peak of q(t | y) around the MAP cell
+    t_cell: torch.Tensor  # (B, 2) the MAP cell's grid position (the paper's whole-pixel read-out)
     entropy: torch.Tensor  # (B,) entropy of q(t, r | y), nats
     rotation_mass: torch.Tensor  # (B, R) sum over t of q(t, r | y): exposes rotational symmetry
     max_prob: torch.Tensor  # (B,) q of the chosen cell
+    local_mass: torch.Tensor  # (B,) q within one pixel and one rotation bin of the chosen cell
+    translation_mass: torch.Tensor  # (B,) q(t | y) within one pixel of the chosen position
 
 
 class TargetVAE(nn.Module):
@@ -99,9 +103,12 @@ class TargetVAE(nn.Module):
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
         self.config = config
         self.encoder = GroupConvEncoder(config.rotations, config.z_dim, config.encoder_fields,
-                                        config.encoder_kernel, config.encoder_padding, config.subpixel)
+                                        config.encoder_kernel, config.encoder_padding, config.subpixel,
+                                        theta_logstd_init=math.log(config.priors().theta_std()))
+        # the generator's frame spans image_size / 2 pixels per unit: per-pixel frequencies -> per-unit ones
         self.generator = SpatialGenerator(config.z_dim, config.generator_width, config.generator_depth,
-                                          config.fourier_features, config.fourier_scale, out_channels=1)
+                                          config.fourier_features, config.fourier_scale * config.image_size / 2,
+                                          out_channels=1)
         if config.likelihood == "gaussian" and config.gaussian_std is None:
             self.log_sigma = nn.Parameter(torch.zeros(()))
         n = config.image_size
@@ -109,13 +116,14 @@ class TargetVAE(nn.Module):
         self.register_buffer("grid", self.encoder.grid(n), persistent=False)
         self.register_buffer("log_p_tr", posterior.log_prior_tr(config.priors(), self.grid, n),
                              persistent=False)
+        self.register_buffer("log_p_r", posterior.log_prior_r(config.priors()), persistent=False)
 
     # --- equation 6 -------------------------------------------------------------------------------------
     def elbo(self, images: torch.Tensor, generator: torch.Generator | None = None) -> ElboTerms:
         """Equation 6 averaged over the batch. images: (B, N, N) or (B, 1, N, N)."""
         images = images.reshape(images.shape[0], 1, *images.shape[-2:])
         enc = self.encoder(images)
-        log_q = posterior.log_q_tr(enc)
+        log_q = posterior.log_q_tr(enc, self.log_p_r)
         kl = posterior.kl_divergence(enc, log_q, self.log_p_tr, self.config.priors(), self.config.image_size)
         draw = posterior.sample(enc, log_q, self.grid, self.config.temperature, generator)
         out = self.generator(transform_coordinates(self.coords, draw.theta, draw.t), draw.z)
@@ -134,10 +142,11 @@ class TargetVAE(nn.Module):
     # --- inference ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> PoseEstimate:
-        """Most probable (t, r) cell and its mu_z, mu_theta + offset and grid position (+ offset)."""
+        """Most probable (t, r) cell: its mu_z and mu_theta + offset, its position refined below a pixel
+        (``posterior.peak_offset``), and how much of q(t, r | y) lies at and around it."""
         images = images.reshape(images.shape[0], 1, *images.shape[-2:])
         enc = self.encoder(images)
-        log_q = posterior.log_q_tr(enc)
+        log_q = posterior.log_q_tr(enc, self.log_p_r)
         b, r, m, _ = log_q.shape
         flat = log_q.reshape(b, -1)
         best = flat.argmax(1)
@@ -145,14 +154,18 @@ class TargetVAE(nn.Module):
         batch = torch.arange(b, device=images.device)
         pick = lambda cell: cell[batch, ..., rot, row, col]  # noqa: E731  (B, [C,] R, M, M) -> (B, [C])
         theta = pick(enc.theta_mu.float()) + rot.float() * (2 * math.pi / r)
-        t = self.grid[row, col]
-        if enc.shift_mu is not None:
-            t = t + pick(posterior.rotate_shift(enc.shift_mu.float()))
         q = flat.exp()
+        t_cell = self.grid[row, col]
+        if enc.shift_mu is not None:
+            t = t_cell + pick(posterior.rotate_shift(enc.shift_mu.float()))
+        else:
+            pixel = 2 / self.config.image_size  # grid spacing in the generator frame
+            t = t_cell + pixel * posterior.peak_offset(torch.logsumexp(log_q, 1), row, col)
         return PoseEstimate(
             z_mu=pick(enc.z_mu.float()), z_std=pick(posterior.std(enc.z_logstd)),
-            theta=torch.remainder(theta, 2 * math.pi), t=t,
-            entropy=-(q * flat).sum(1), rotation_mass=q.view(b, r, -1).sum(-1), max_prob=q.max(1).values)
+            theta=torch.remainder(theta, 2 * math.pi), t=t, t_cell=t_cell,
+            entropy=-(q * flat).sum(1), rotation_mass=q.view(b, r, -1).sum(-1), max_prob=q.max(1).values,
+            **posterior.neighbourhood_mass(q.view(b, r, m, m), rot, row, col))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, theta: torch.Tensor | None = None, t: torch.Tensor | None = None,
