@@ -14,9 +14,10 @@ Interruption. SIGINT/SIGTERM stop training within seconds (``tvae_em.interrupt``
 dropped (nothing of it is saved), completed epochs stay in ``checkpoint_last.pt``, and ``Interrupted`` is
 raised. Saving an epoch is never cut in half: a signal that arrives meanwhile takes effect once it is saved.
 On CPU the autograd engine runs a batch's backward pass on the main thread without running Python code, for
-tens of seconds with the default generator on a busy machine, so the forward pass leaves a Python call before
-each backward step (``_interruptible_backward``) where the signal can take effect. A NaN/inf loss or gradient
-raises ``TrainingDiverged`` before the optimiser step, so no non-finite parameter is ever written.
+tens of seconds with the default generator on a busy machine, so the forward pass of a single CPU process
+leaves a Python call before each backward step (``_interruptible_backward``) where the signal can take effect.
+A NaN/inf loss or gradient raises ``TrainingDiverged`` before the optimiser step, so no non-finite parameter is
+ever written.
 
 One process at a time: rank 0 holds an exclusive lock on ``run_dir`` (``.lock`` in it) for the whole run, so a
 second ``train`` into the same folder stops at once with a UsageError instead of replacing the first one's
@@ -387,7 +388,7 @@ class _Trainer:
         loader = _WaitClock(self._load(batches))
         with bar:
             for batch, (indices, images) in enumerate(loader, start=1):
-                with self._autocast(), _interruptible_backward():
+                with self._autocast(), self._interruptible_backward():
                     terms = self.elbo(self._to_device(indices, images), noise)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
@@ -454,6 +455,14 @@ class _Trainer:
 
     def _autocast(self):
         return bf16_autocast(self.device, self.amp)
+
+    def _interruptible_backward(self):
+        """``_interruptible_backward`` where it helps and is safe: a single process on the CPU. On GPUs the
+        backward pass runs on device threads, where signal handlers never run, and keeping Python objects in
+        the autograd graphs of DistributedDataParallel ranks made Gloo runs abort at exit now and then."""
+        if self.device.type == "cpu" and self.group.world == 1:
+            return _interruptible_backward()
+        return contextlib.nullcontext()
 
     def _consensus(self, *flags) -> list[bool]:
         """Flags OR-ed over all ranks, so that every rank stops at the same batch."""
