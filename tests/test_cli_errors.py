@@ -5,6 +5,7 @@ traceback, the documented exit code, and the folder exactly as it was: inputs un
 no output, complete or partial, left behind.
 """
 
+import fcntl
 import hashlib
 import os
 import re
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -21,10 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from tvae_em import checkpoint
+from tvae_em import checkpoint, infer, render
 from tvae_em.cli import main
-from tvae_em.errors import EXIT_DATA, EXIT_OUTPUT, EXIT_USAGE
+from tvae_em.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE
 from tvae_em.io.stack import write_stack
+from tvae_em.io.star import read_star
 from tvae_em.model import ModelConfig
 from tvae_em.train import TrainConfig, train
 
@@ -356,9 +359,210 @@ def bad_choice(folder):
     return ["embed", "run", "particles.star", "-o", "embedded.star", "--amp", "fast"]
 
 
+# --- issue 16: nothing a user runs can destroy an input or a run -----------------------------------------
+
+def embedded_shards(folder, count=2) -> list[str]:
+    """Shard results of 'embed --shard i/count' of particles.star, made by the library (not under test here)."""
+    for index in range(count):
+        infer.embed("run", "particles.star", "embedded.star", shard=(index, count), device="cpu")
+    return [f"embedded.shard{index}of{count}.npz" for index in range(count)]
+
+
+def edit_checkpoint(path, **changes) -> None:
+    """Rewrite a checkpoint with some fields changed (None: removed), as a damaged or foreign file would be."""
+    state = torch.load(path, weights_only=True)
+    state.update(changes)
+    torch.save({key: value for key, value in state.items() if value is not None}, path)
+
+
+def edit_shard(path, **changes) -> None:
+    """Rewrite a shard file with some arrays changed (None: removed)."""
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays.update(changes)
+    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+
+
+def picks_for(folder, coordinates) -> list[str]:
+    """A 64x64 micrograph, a Topaz picks table with ``coordinates`` on it, and the preprocess command."""
+    new_mrc("mic1.mrc", np.random.default_rng(3).normal(size=(1, 64, 64)))
+    write("picks.txt", "image_name\tx_coord\ty_coord\tscore\n" +
+          "".join(f"mic1\t{x}\t{y}\t1.0\n" for x, y in coordinates))
+    return ["preprocess", "--picks", "picks.txt", "--micrographs", "mic*.mrc", "--box", "16", "-o", "out"]
+
+
+def train_command(star="particles.star", *options):
+    return ["train", star, "-o", "run2", "--device", "cpu", *TINY_TRAIN_OPTIONS, *options]
+
+
+@case(EXIT_USAGE, "output particles.star is also an input")
+def merge_output_is_the_input_star(folder):  # issue 16, case 1
+    return ["merge", *embedded_shards(folder), "-o", "particles.star"]
+
+
+@case(EXIT_USAGE, "output embedded.shard0of2.npz is also an input")
+def merge_output_is_a_shard(folder):  # issue 16, case 1
+    return ["merge", *embedded_shards(folder), "-o", "embedded.shard0of2.npz"]
+
+
+@case(EXIT_USAGE, "output rend/rendered.star is also an input")
+def render_output_is_its_z_file(folder):  # issue 16, case 2
+    render.render("run", "rend", grid=2, device="cpu")
+    return ["render", "run", "-o", "rend", "--z-file", "rend/rendered.star", "--device", "cpu"]
+
+
+@case(EXIT_USAGE, "output run/checkpoint_last.pt is also an input")
+def embed_output_is_a_file_of_the_run(folder):  # issue 16, case 2
+    return ["embed", "run", "particles.star", "-o", "run/checkpoint_last.pt", "--device", "cpu"]
+
+
+@case(EXIT_DATA, "picks.txt: row 2: coordinates x=nan, y=20 are not finite numbers")
+def picks_with_a_nan_coordinate(folder):  # issue 16, case 6
+    return picks_for(folder, [(20, 20), ("nan", 20)])
+
+
+@case(EXIT_DATA, "bad.star: data_particles row 2: image index in '123456789012345678901@a.mrcs' is beyond any")
+def image_index_beyond_64_bits(folder):  # issue 16, case 6
+    write("bad.star", star_text().replace("000002@a.mrcs", "123456789012345678901@a.mrcs"))
+    return preprocess()
+
+
+@case(EXIT_DATA, "embedded.shard1of2.npz: incomplete shard results: star_path missing")
+def shard_with_missing_keys(folder):  # issue 16, case 6
+    shards = embedded_shards(folder)
+    edit_shard(shards[1], **{"source:star_path": None})
+    return ["merge", *shards, "-o", "embedded.star"]
+
+
+@case(EXIT_DATA, "embedded.shard0of2.npz: shard rows are not indices into the 6 rows of the input STAR")
+def shard_with_negative_rows(folder):  # issue 16, case 6
+    shards = embedded_shards(folder)
+    edit_shard(shards[0], rows=-np.arange(3))
+    return ["merge", *shards, "-o", "embedded.star"]
+
+
+@case(EXIT_DATA, "particles.star: the input STAR of the shards is gone (moved or deleted")
+def star_moved_between_embed_and_merge(folder):  # issue 16, case 6
+    shards = embedded_shards(folder)
+    os.rename("particles.star", "moved.star")
+    return ["merge", *shards, "-o", "embedded.star"]
+
+
+@case(EXIT_DATA, "checkpoint_best.pt: invalid model configuration in checkpoint (rotations must be a whole")
+def checkpoint_with_a_malformed_model_configuration(folder):  # issue 16, case 6
+    path = folder / "run" / checkpoint.BEST
+    edit_checkpoint(path, model_config={**torch.load(path, weights_only=True)["model_config"], "rotations": "4"})
+    return ["embed", "run", "particles.star", "-o", "embedded.star", "--device", "cpu"]
+
+
+@case(EXIT_DATA, "checkpoint_best.pt: malformed checkpoint: model_state, epoch missing or not as tvae-em writes")
+def checkpoint_with_malformed_weights_and_epoch(folder):  # issue 16, case 6
+    edit_checkpoint(folder / "run" / checkpoint.BEST, model_state=[1, 2], epoch="1")
+    return ["pose", "run", "particles.star", "-o", "posed.star", "--device", "cpu"]
+
+
+@case(EXIT_DATA, "checkpoint_last.pt: malformed training state in checkpoint")
+def resume_from_a_malformed_optimizer_state(folder):  # issue 16, case 6
+    edit_checkpoint(folder / "run" / checkpoint.LAST, n_particles=N_IMAGES, optimizer_state={"state": 5})
+    return ["train", "particles.star", "--resume", "run", "--device", "cpu", "--batch-size", "8",
+            "--val-fraction", "0.25"]
+
+
+@case(EXIT_DATA, "checkpoint_last.pt: malformed checkpoint: history rows are not log.csv rows")
+def resume_from_a_malformed_history(folder):  # issue 16, case 6
+    edit_checkpoint(folder / "run" / checkpoint.LAST, history=[{"epoch": 1}])
+    return ["train", "particles.star", "--resume", "run", "--device", "cpu"]
+
+
+@case(EXIT_DATA, "checkpoint_best.pt: model weights contain NaN or infinite values")
+def nan_weights_would_reach_the_clustering(folder):  # issue 16, case 6
+    path = folder / "run" / checkpoint.BEST
+    weights = dict(torch.load(path, weights_only=True)["model_state"])
+    name = next(name for name, tensor in weights.items() if tensor.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    edit_checkpoint(path, model_state=weights)
+    return ["embed", "run", "particles.star", "-o", "embedded.star", "--clusters", "2", "--device", "cpu"]
+
+
+def train_with(option, value):
+    def setup(folder):
+        return train_command("particles.star", option, value)
+    return setup
+
+
+INVALID = "invalid model configuration: "
+for option, value, problem in [  # issue 16, case 7: refused before anything is allocated or written
+    ("--z-dim", "-1", INVALID + "z_dim must be a whole number >= 1, not -1"),
+    ("--z-dim", "0", INVALID + "z_dim must be a whole number >= 1, not 0"),
+    ("--rotations", "0", INVALID + "rotations must be a whole number >= 1, not 0"),
+    ("--encoder-fields", "0", INVALID + "encoder_fields must be a whole number >= 1, not 0"),
+    ("--encoder-kernel", "1000", INVALID + "encoder_kernel 1000 is larger than the 16 px images"),
+    ("--fourier-scale", "nan", INVALID + "fourier_scale must be a positive number, not nan"),
+    ("--generator-width", str(10 ** 9), "training this model on batches of 8 particles needs about"),
+]:
+    CASES.append(pytest.param(train_with(option, value), EXIT_USAGE, (problem,), id=f"train {option} {value}"))
+
+
+@case(EXIT_USAGE, "rendering 10,000,000,000 images of 16 px needs about", "render fewer latents or a smaller")
+def render_a_huge_grid(folder):  # issue 16, case 7
+    return ["render", "run", "-o", "rend", "--grid", "100000", "--device", "cpu"]
+
+
+@case(EXIT_DATA, "bad.star: data_optics row 1: _rlnImagePixelSize 'nan' is not a positive finite number")
+def pixel_size_nan(folder):  # issue 16, case 9
+    write("bad.star", star_text().replace("opticsGroup1 1.5", "opticsGroup1 nan"))
+    return preprocess()
+
+
+@case(EXIT_DATA, "bad.star: data_optics row 1: _rlnImagePixelSize 'inf' is not a positive finite number")
+def pixel_size_infinite(folder):  # issue 16, case 9
+    write("bad.star", star_text().replace("opticsGroup1 1.5", "opticsGroup1 inf"))
+    return ["embed", "run", "bad.star", "-o", "embedded.star", "--device", "cpu"]
+
+
+@case(EXIT_USAGE, "the pose must be finite numbers, got theta nan")
+def render_theta_nan(folder):  # issue 16, case 9
+    return ["render", "run", "-o", "rend", "--grid", "2", "--theta", "nan", "--device", "cpu"]
+
+
+@case(EXIT_USAGE, "1x1 px images have no pixel outside the particle circle to normalise by")
+def one_pixel_images(folder):  # issue 16, case 9
+    new_mrc("tiny.mrcs", np.ones((N_IMAGES, 1, 1)))
+    write("bad.star", star_text().replace("@a.mrcs", "@tiny.mrcs"))
+    return preprocess()
+
+
+@case(EXIT_DATA, "the particle images are not normalised (pixel mean 1e+03, std 9", "run 'tvae-em preprocess'")
+def raw_images_for_training(folder):  # issue 16, case 10
+    write_stack("raw.mrcs", np.random.default_rng(4).normal(1000, 95, size=(N_IMAGES, BOX, BOX)), 1.5)
+    write("bad.star", star_text().replace("@a.mrcs", "@raw.mrcs"))
+    return train_command("bad.star")
+
+
+@case(EXIT_DATA, "notmrc.mrcs: not an MRC file (no MRC mode and no 'MAP ' stamp in its header, which begins "
+                 "b'root:x:0:0:root:')")
+def text_file_as_a_stack(folder):  # issue 16, case 11
+    write("notmrc.mrcs", "root:x:0:0:root:/root:/bin/bash\n" * 64)
+    write("bad.star", star_text().replace("@a.mrcs", "@notmrc.mrcs"))
+    return preprocess()
+
+
+@case(EXIT_DATA, "checkpoint_best.pt: the model checkpoint changed since the shards were computed; rerun them")
+def run_resumed_between_embed_and_merge(folder):  # issue 16, case 12
+    shards = embedded_shards(folder)
+    path = folder / "run" / checkpoint.BEST
+    edit_checkpoint(path, epoch=torch.load(path, weights_only=True)["epoch"] + 1)
+    return ["merge", *shards, "-o", "embedded.star"]
+
+
 @pytest.mark.parametrize(("setup", "code", "fragments"), CASES)
 def test_bad_input_gives_one_line_and_leaves_every_file_unchanged(project, capsys, setup, code, fragments):
-    argv = setup(project)
+    assert_refused(project, capsys, setup(project), code, fragments)
+
+
+def assert_refused(project, capsys, argv, code, fragments) -> None:
+    """``argv`` ends with exactly one 'error: ' line holding every fragment, exit ``code``, and every file under
+    ``project`` as it was before."""
     before = snapshot(project)
     exit_code, stderr = run_main(argv, capsys)
     lines = message_lines(stderr)
@@ -366,6 +570,155 @@ def test_bad_input_gives_one_line_and_leaves_every_file_unchanged(project, capsy
     assert lines[0].startswith("error: ") and all(fragment in lines[0] for fragment in fragments), lines[0]
     assert exit_code == code
     assert snapshot(project) == before  # inputs byte for byte, and no output or temporary file left
+
+
+# --- every command refuses each of its inputs as its output (issue 16, case 2) -----------------------------
+# Each setup names one input of one command as one of that command's outputs: directly, through a symbolic link
+# or as a hard link (an output file of a folder-output command made a link to the input).
+
+INPUT_AS_OUTPUT = []
+
+
+def input_as_output(setup):
+    INPUT_AS_OUTPUT.append(pytest.param(setup, id=setup.__name__))
+    return setup
+
+
+def linked(target, link_path, hard=True) -> None:
+    """``link_path`` becomes another name of ``target``: a hard link, or a symbolic link."""
+    Path(link_path).parent.mkdir(parents=True, exist_ok=True)
+    if hard:
+        os.link(target, link_path)
+    else:
+        os.symlink(os.path.abspath(target), link_path)
+
+
+def embedded_star(folder) -> str:
+    infer.embed("run", "particles.star", "emb.star", clusters=2, device="cpu")
+    return "emb.star"
+
+
+@input_as_output
+def preprocess_star(folder):
+    linked("particles.star", "out/particles.star")
+    return preprocess("particles.star")
+
+
+@input_as_output
+def preprocess_stack(folder):
+    linked("a.mrcs", "out/particles.mrcs", hard=False)
+    return preprocess("particles.star")
+
+
+@input_as_output
+def preprocess_picks(folder):
+    argv = picks_for(folder, [(20, 20)])
+    linked("picks.txt", "out/particles.star")
+    return argv
+
+
+@input_as_output
+def preprocess_micrograph(folder):
+    argv = picks_for(folder, [(20, 20)])
+    linked("mic1.mrc", "out/particles.mrcs", hard=False)
+    return argv
+
+
+@input_as_output
+def train_star(folder):
+    linked("particles.star", "run2/log.csv")
+    return train_command()
+
+
+@input_as_output
+def train_stack(folder):
+    linked("a.mrcs", "run2/split.npz", hard=False)
+    return train_command()
+
+
+def infer_command(command, out, *options):
+    return [command, "run", "particles.star", "-o", out, "--device", "cpu", *options]
+
+
+for command in ("embed", "pose"):
+    for name, argv in [("star", infer_command(command, "particles.star")),
+                       ("stack", infer_command(command, "a.mrcs")),
+                       ("best_checkpoint", infer_command(command, "run/checkpoint_best.pt")),
+                       ("last_checkpoint", infer_command(command, "run/checkpoint_last.pt")),
+                       ("run_log", infer_command(command, "run/log.csv")),
+                       ("run_split", infer_command(command, "run/split.npz")),
+                       ("run_lock", infer_command(command, "run/.lock"))]:
+        INPUT_AS_OUTPUT.append(pytest.param(lambda folder, argv=argv: argv, id=f"{command}_{name}"))
+
+
+@input_as_output
+def embed_star_as_its_figure(folder):
+    linked("particles.star", "emb_latent.png")
+    return infer_command("embed", "emb.star")
+
+
+@input_as_output
+def pose_stack_as_its_figure(folder):
+    linked("a.mrcs", "posed_poses.png", hard=False)
+    return infer_command("pose", "posed.star")
+
+
+@input_as_output
+def embed_stack_as_a_shard(folder):
+    linked("a.mrcs", "emb.shard1of2.npz")
+    return infer_command("embed", "emb.star", "--shard", "1/2")
+
+
+@input_as_output
+def merge_shard(folder):
+    return ["merge", *embedded_shards(folder), "-o", "embedded.shard1of2.npz"]
+
+
+@input_as_output
+def merge_shard_as_its_side_output(folder):
+    shards = embedded_shards(folder)
+    linked(shards[0], "merged_embedding.npz")
+    return ["merge", *shards, "-o", "merged.star"]
+
+
+@input_as_output
+def merge_star(folder):
+    return ["merge", *embedded_shards(folder), "-o", "particles.star"]
+
+
+@input_as_output
+def merge_stack(folder):
+    shards = embedded_shards(folder)
+    linked("a.mrcs", "merged.star", hard=False)
+    return ["merge", *shards, "-o", "merged.star"]
+
+
+@input_as_output
+def merge_checkpoint(folder):
+    return ["merge", *embedded_shards(folder), "-o", "run/checkpoint_best.pt"]
+
+
+@input_as_output
+def render_checkpoint(folder):
+    linked("run/checkpoint_best.pt", "rend/rendered.mrcs")
+    return ["render", "run", "-o", "rend", "--grid", "2", "--device", "cpu"]
+
+
+@input_as_output
+def render_z_file(folder):
+    render.render("run", "rend", grid=2, device="cpu")
+    return ["render", "run", "-o", "rend", "--z-file", "rend/rendered.star", "--device", "cpu"]
+
+
+@input_as_output
+def render_centres(folder):
+    linked(embedded_star(folder), "rend/montage.png", hard=False)
+    return ["render", "run", "-o", "rend", "--centers-from", "emb.star", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("setup", INPUT_AS_OUTPUT)
+def test_every_command_refuses_each_of_its_inputs_as_its_output(project, capsys, setup):
+    assert_refused(project, capsys, setup(project), EXIT_USAGE, ("is also an input", "choose another output"))
 
 
 # --- the real process: exit status, --debug, a full disk ------------------------------------------------
@@ -417,3 +770,86 @@ def test_full_disk_while_saving_a_checkpoint(project):
     left = snapshot(project)
     assert {name: left[name] for name in before} == before
     assert not [name for name in left if name.startswith("run2/") and ".pt" in name]  # not even a temporary
+
+
+def test_full_disk_leaves_none_of_a_commands_outputs(project):
+    """Issue 16, case 8: embed's STAR and npz fit under the limit, its figure does not; render's stack and STAR
+    fit, its montage does not. Either command leaves none of its outputs, and says which file did not fit."""
+    before = snapshot(project)
+    embedded = run_process(["embed", "run", "particles.star", "-o", "emb.star", "--clusters", "2", "--device",
+                            "cpu"], project, file_size_limit=12 * 1024)
+    assert message_lines(embedded.stderr) == ["error: emb_latent.png: cannot write: File too large"]
+    rendered = run_process(["render", "run", "-o", "rend", "--grid", "3", "--device", "cpu"], project,
+                           file_size_limit=12 * 1024)
+    assert message_lines(rendered.stderr) == ["error: rend/montage.png: cannot write: File too large"]
+    assert embedded.returncode == rendered.returncode == EXIT_OUTPUT
+    assert snapshot(project) == before
+    assert not list((project / "rend").iterdir())  # the folder is made, nothing is left in it
+
+
+def run_slowed(args, cwd, target: str) -> subprocess.Popen:
+    """``tvae-em args`` in a process where ``target`` ('module:Class.method') first touches 'started', then
+    sleeps a minute: a command caught in the middle of its work."""
+    module, attribute = target.split(":")
+    owner, method = attribute.split(".")
+    code = (f"import sys, time, pathlib\nimport {module} as m\n"
+            f"def slow(*args, **kwargs):\n    pathlib.Path('started').touch()\n    time.sleep(60)\n"
+            f"m.{owner}.{method} = slow\nfrom tvae_em.cli import main\nmain(sys.argv[1:])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.parametrize(("args", "target"), [
+    (preprocess("particles.star"), "tvae_em.preprocess:_Pipeline.__call__"),  # while the stack is written
+    (["embed", "run", "particles.star", "-o", "emb.star", "--device", "cpu"], "tvae_em.model.vae:TargetVAE.encode"),
+], ids=["preprocess", "embed"])
+def test_sigterm_stops_a_command_at_once_leaving_nothing(project, args, target):
+    """Issue 16, case 3: exit 130 with one line, within seconds, and no output or temporary file left."""
+    before = snapshot(project)
+    process = run_slowed(args, project, target)
+    deadline = time.monotonic() + 120
+    while not (project / "started").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=50)
+    assert time.monotonic() - signalled < 10  # not the minute the step was to take
+    assert process.returncode == EXIT_INTERRUPTED
+    assert message_lines(stderr) == ["error: SIGTERM received: stopped, no partial output left behind"]
+    (project / "started").unlink()
+    left = snapshot(project)
+    assert left == before, set(left) ^ set(before)
+
+
+def test_a_fifo_is_refused_instead_of_waited_on(project):
+    """Issue 16, case 11: reading a FIFO would wait for a writer forever."""
+    os.mkfifo("fifo.star")
+    os.mkfifo("fifo.mrcs")
+    for name in ("fifo.star", "fifo.mrcs"):
+        result = run_process(preprocess(name), project)
+        assert result.returncode == EXIT_DATA
+        assert message_lines(result.stderr) == [f"error: {name}: not a regular file (a FIFO, socket or device); "
+                                                "give the file itself"]
+
+
+def test_a_second_train_into_a_run_being_trained_is_refused(project, capsys):
+    """Issue 16, case 4: while a training process holds run2's lock, another 'train -o run2' stops at once."""
+    run2 = project / "run2"
+    run2.mkdir()
+    with open(run2 / checkpoint.LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the first process's lock
+        assert_refused(project, capsys, train_command(), EXIT_USAGE,
+                       ("run2 is in use by another process (a training run writes into it)",))
+    assert run_main(train_command("particles.star", "--epochs", "1"), capsys)[0] == 0  # once it is released
+
+
+def test_a_value_with_both_kinds_of_quote_survives_the_pipeline(project, capsys):
+    """Issue 16, case 5: the tool reads back its own output whatever the input's values hold."""
+    name = 'my "best" mic.mrc'
+    write("quoted.star", star_text([f"{i:06d}@a.mrcs 1 '{name}'" for i in range(1, N_IMAGES + 1)]))
+    assert run_main(["preprocess", "quoted.star", "-o", "prep"], capsys)[0] == 0
+    assert run_main(["pose", "run", "prep/particles.star", "-o", "posed.star", "--device", "cpu"], capsys)[0] == 0
+    for path in ("prep/particles.star", "posed.star"):
+        assert set(read_star(path)["particles"]["rlnMicrographName"]) == {name}

@@ -242,9 +242,11 @@ def test_semantic_errors_name_file_and_problem(tmp_path):
         to_relion31(read_star(write_text(tmp_path, "undefined.star", undefined)), 64, None)
     with pytest.raises(InputError, match=r"_rlnImageSize 64 but the stacks hold 32x32"):
         to_relion31(read_star(write_text(tmp_path, "ok.star", OPTICS_31 + PARTICLES_31)), 32, None)
-    zero_pixel = (OPTICS_31 + PARTICLES_31).replace("0.100000 3.540000 64", "0.100000 0.000000 64")
-    with pytest.raises(InputError, match=r"zero.star: data_optics: _rlnImagePixelSize must be positive"):
-        to_relion31(read_star(write_text(tmp_path, "zero.star", zero_pixel)), 64, None)
+    for name, pixel_size in [("zero", "0.000000"), ("nan", "nan"), ("inf", "inf"), ("minf", "-inf")]:
+        bad_pixel = (OPTICS_31 + PARTICLES_31).replace("0.100000 3.540000 64", f"0.100000 {pixel_size} 64")
+        with pytest.raises(InputError, match=rf"{name}.star: data_optics row 2: _rlnImagePixelSize "
+                                             rf"'{pixel_size}' is not a positive finite number"):
+            to_relion31(read_star(write_text(tmp_path, f"{name}.star", bad_pixel)), 64, None)
     garbage = (OPTICS_31 + PARTICLES_31).replace("30876.811323", "thirty")
     with pytest.raises(InputError, match=r"data_particles row 1: _rlnDefocusU 'thirty' is not a number"):
         numeric_column(read_star(write_text(tmp_path, "garbage.star", garbage)), "particles", "rlnDefocusU")

@@ -1,16 +1,19 @@
-"""Property test: any STAR-like text either parses or raises the project's one-line InputError.
+"""Property tests: any STAR-like text either parses or raises the project's one-line InputError, and any string
+value survives the writer and the reader.
 
 The generated files mix the pieces real STAR files are made of (blocks, loops, labels, values, quotes,
 comments, version lines) with the ways they go wrong (ragged rows, open quotes, stray text, garbage bytes,
 other line endings), so most examples get deep into the parser instead of failing on the first line.
 """
 
+import re
+
 import pandas as pd
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tvae_em.errors import InputError
-from tvae_em.io.star import StarFile, read_star, write_star
+from tvae_em.errors import InputError, TvaeError
+from tvae_em.io.star import StarBlock, StarFile, read_star, write_star
 
 LABELS = ["rlnImageName", "rlnOpticsGroup", "rlnAnglePsi", "rlnMicrographName", "rlnA", "tvaeZ01"]
 VALUES = ["1", "-2.5e-3", "nan", "inf", "000001@a.mrcs", "opticsGroup1", "[0.1,0.2]", '"a b"', "'c d'", '""',
@@ -88,3 +91,37 @@ def test_star_like_text_parses_or_raises_input_error(tmp_path, raw):
     assert list(back.blocks) == list(star.blocks)
     for name, table in tables(star).items():
         pd.testing.assert_frame_equal(tables(back)[name], table)
+
+
+# Characters STAR syntax gives a meaning to, mixed into arbitrary text so that most values are hard ones.
+SYNTAX = st.sampled_from(['"', "'", " ", "\t", "#", "_", "data_", "loop_", "save_", "\u00a0", "\u2028", "\x85"])
+any_text = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=4) | SYNTAX,
+                    max_size=5).map("".join)
+
+
+def unwritable(value: str) -> bool:
+    """What STAR text cannot hold (star.py's module docstring): a line break or another control character
+    than tab, or both quote characters followed by whitespace (no quoting can then hold the value)."""
+    control = re.search(r"[\x00-\x08\x0a-\x1f]", value)
+    return bool(control) or bool(re.search(r'"\s', value) and re.search(r"'\s", value))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(any_text, min_size=1, max_size=4), loop=st.booleans())
+@example(values=['my "best" mic.mrc', "it's", "", "#1", "_x", "data_", "'a", '"a"b'], loop=True)
+@example(values=["Bob's \"good\" mic.mrc"], loop=False)
+def test_any_string_value_survives_the_writer_and_the_reader(tmp_path, values, loop):
+    table = pd.DataFrame({"rlnA": values, "rlnB": values[::-1]} if loop else {label: [value] for label, value
+                         in zip(["rlnA", "rlnB", "rlnC", "rlnD"], values, strict=False)}, dtype=str)
+    star = StarFile({"x": StarBlock("x", table, loop), "y": StarBlock("y", table, loop)})
+    path = tmp_path / "values.star"
+    try:
+        write_star(path, star)
+    except TvaeError as error:
+        assert any(unwritable(value) for value in values), error
+        assert str(error).startswith(f"{path}: cannot write ") and len(str(error).splitlines()) == 1
+        return
+    assert not any(unwritable(value) for value in values)
+    back = read_star(path)
+    for name in ("x", "y"):
+        pd.testing.assert_frame_equal(back[name].reset_index(drop=True), table)

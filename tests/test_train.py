@@ -2,13 +2,16 @@
 
 import csv
 import dataclasses
+import fcntl
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,12 +22,14 @@ import torch
 from tvae_em import __version__
 from tvae_em import checkpoint as ckpt
 from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
+from tvae_em.interrupt import Stop, stop_on_signals
 from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.train import (
     LOG_COLUMNS,
     Interrupted,
     TrainConfig,
     TrainingDiverged,
+    _interruptible_backward,
     _Trainer,
     _WaitClock,
     make_split,
@@ -316,7 +321,7 @@ from tvae_em.model import ModelConfig
 from tvae_em.train import train
 torch.set_num_threads(1)
 try:
-    train(ModelConfig(**MODEL), tiny_train_config(epochs=50), ArrayParticles(blobs(), delay_s=0.05),
+    train(ModelConfig(**MODEL), tiny_train_config(epochs=50), ArrayParticles(blobs(), delay_s={delay_s}),
           {run_dir!r})
 except TvaeError as exc:
     print(f"error: {{exc}}", file=sys.stderr)
@@ -333,10 +338,14 @@ def wait_for_first_epoch(process, run_dir: Path, timeout_s: float = 60) -> None:
         time.sleep(0.02)
 
 
+def start_script(run_dir: Path, delay_s: float) -> subprocess.Popen:
+    code = SCRIPT.format(tests=str(REPO / "tests"), run_dir=str(run_dir), delay_s=delay_s)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def test_sigterm_to_a_python_process_exits_130_keeping_completed_epochs(tmp_path):
-    code = SCRIPT.format(tests=str(REPO / "tests"), run_dir=str(tmp_path))
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    process = start_script(tmp_path, delay_s=0.05)
     wait_for_first_epoch(process, tmp_path)
     time.sleep(0.15)  # into the next epoch
     process.send_signal(signal.SIGTERM)
@@ -347,6 +356,65 @@ def test_sigterm_to_a_python_process_exits_130_keeping_completed_epochs(tmp_path
     assert completed >= 1 and len(read_log(tmp_path)) == completed
     assert f"holds epoch {completed}" in stderr
     assert not leftover_temporaries(tmp_path)
+
+
+def test_sigterm_in_the_middle_of_a_long_batch_stops_within_seconds(tmp_path):
+    """Issue 16, case 3: the signal used to be acted upon only after the batch in progress, which takes a
+    minute here (a read that long; the default generator's backward pass on a busy machine is as slow)."""
+    process = start_script(tmp_path, delay_s=60)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / ckpt.SPLIT).exists():  # written just before the first batch is read
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.02)
+    time.sleep(0.2)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=50)
+    assert time.monotonic() - signalled < 10
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert "SIGTERM received in epoch 1: stopped, the epoch was dropped; no epoch had completed" in stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == [ckpt.LOCK, ckpt.SPLIT]
+
+
+def test_a_signal_takes_effect_during_a_long_backward_pass():
+    """Issue 16, case 3: on CPU the autograd engine runs backward on the main thread without running any Python
+    code, so a signal handler could only run once the whole backward pass was over (tens of seconds for the
+    default generator on a busy machine); the trainer's saved-tensor hooks give it a place between the steps."""
+    def deep_product(weights):
+        with _interruptible_backward():
+            h = torch.ones(256, 256)
+            for weight in weights:
+                h = torch.tanh(h @ weight / 16)
+        return h.sum()
+
+    weights = [torch.randn(256, 256, requires_grad=True) for _ in range(200)]
+    start = time.perf_counter()
+    deep_product(weights).backward()
+    uninterrupted_s = time.perf_counter() - start
+    for weight in weights:
+        weight.grad = None
+    timer = threading.Timer(uninterrupted_s / 10, os.kill, (os.getpid(), signal.SIGTERM))
+    with stop_on_signals(), pytest.raises(Stop, match="SIGTERM"):
+        loss = deep_product(weights)
+        timer.start()
+        loss.backward()
+        timer.join()
+    assert sum(weight.grad is not None for weight in weights) < len(weights) // 2  # stopped well before the end
+
+
+def test_a_run_that_another_process_trains_is_refused_and_left_alone(tmp_path, finished_run):
+    """Issue 16, case 4: two processes training into one folder would replace each other's files."""
+    run_dir, _, particles = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = {path.name: path.read_bytes() for path in copy.iterdir()}
+    with open(copy / ckpt.LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the first process's lock
+        with pytest.raises(UsageError, match=f"{copy} is in use by another process"):
+            train(None, tiny_train_config(epochs=3), particles, copy, resume=True)
+        with pytest.raises(UsageError, match="in use by another process"):
+            train(ModelConfig(**MODEL), tiny_train_config(), particles, tmp_path / "run")
+    assert {path.name: path.read_bytes() for path in copy.iterdir()} == before
 
 
 def _train_in_child(run_dir, epochs: int, delay_s: float, env: dict, threads: int) -> None:

@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic writing, validated reading, random-state capture, and ``load_model``.
+"""Training checkpoints: atomic writing, validated reading, random-state capture, ``load_model``, and the files
+of a run folder.
 
 A checkpoint is a ``torch.save`` dict holding plain tensors, numbers, strings, lists and dicts only, so it is
 read with ``weights_only=True`` (a checkpoint received from someone else cannot run code on load). Every
@@ -15,12 +16,22 @@ import torch
 from tvae_em import __version__
 from tvae_em.errors import InputError
 from tvae_em.io.atomic import atomic_path
+from tvae_em.io.files import regular_file
+from tvae_em.memory import check_fits, model_bytes
 from tvae_em.model import ModelConfig, TargetVAE
 
 FORMAT_VERSION = 1
+# The files of a run folder (tvae_em.train describes them); LOCK is held while a training process writes the run.
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
-REQUIRED_KEYS = ("format_version", "version", "model_config", "train_config", "model_state", "epoch")
+LOG = "log.csv"
+CURVE = "learning_curve.png"
+SPLIT = "split.npz"
+LOCK = ".lock"
+RUN_FILES = (LAST, BEST, LOG, CURVE, SPLIT, LOCK)
+# Every checkpoint's fields and their types, checked before anything is built from them.
+REQUIRED_FIELDS = {"format_version": int, "version": str, "model_config": dict, "train_config": dict,
+                   "model_state": dict, "epoch": int}
 
 # escnn's R2Conv caches its expanded filter and bias as buffers that exist only in some train/eval states;
 # they are recomputed from the weights, so checkpoints leave them out and loading tolerates their absence.
@@ -41,11 +52,18 @@ def model_state(model: torch.nn.Module) -> dict:
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
-    """Load ``state`` into ``model``; InputError naming ``path`` if a learned tensor is missing or extra."""
+    """Load ``state`` into ``model``; InputError naming ``path`` if a learned tensor is missing, extra, not a
+    tensor, or holds NaN or infinite values (which would reach every latent and pose computed from it)."""
+    if not all(isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state.items()):
+        raise InputError(path, "malformed checkpoint: model weights that are not named tensors")
+    not_finite = [name for name, tensor in state.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if not_finite:
+        raise InputError(path, f"model weights contain NaN or infinite values (in {', '.join(not_finite[:3])})")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
-        problem = f"model weights do not fit the model configuration ({_first_line(exc)})"
+        problem = f"model weights do not fit the model configuration ({first_line(exc)})"
         raise InputError(path, problem) from None
     missing = [name for name in missing if not name.endswith(_DERIVED_BUFFERS)]
     if missing or unexpected:
@@ -64,12 +82,13 @@ def save_checkpoint(state: dict, path) -> None:
 def read_checkpoint(path, map_location="cpu") -> dict:
     """Read and validate a checkpoint file; InputError naming the file if it is not a usable checkpoint."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "no such checkpoint file")
+    regular_file(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
-        problem = f"not a readable checkpoint, truncated or corrupt ({_first_line(exc)})"
+        problem = f"not a readable checkpoint, truncated or corrupt ({first_line(exc)})"
         raise InputError(path, problem) from None
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise InputError(path, "not a tvae-em checkpoint (no format_version)")
@@ -77,10 +96,19 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise InputError(path, f"checkpoint format {checkpoint['format_version']} (written by tvae-em "
                                f"{checkpoint.get('version', '?')}) cannot be read by tvae-em {__version__}, "
                                f"which reads format {FORMAT_VERSION}")
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    missing = [key for key in REQUIRED_FIELDS if key not in checkpoint]
     if missing:
         raise InputError(path, f"incomplete checkpoint, missing {', '.join(missing)}")
+    check_field_types(checkpoint, REQUIRED_FIELDS, path)
     return checkpoint
+
+
+def check_field_types(checkpoint: dict, types: dict, path) -> None:
+    """InputError naming ``path`` if a field of ``types`` is missing or of another type (a bool is no int)."""
+    wrong = [key for key, kind in types.items()
+             if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool)]
+    if wrong:
+        raise InputError(path, f"malformed checkpoint: {', '.join(wrong)} missing or not as tvae-em writes it")
 
 
 def model_config_from(checkpoint: dict, path) -> ModelConfig:
@@ -88,6 +116,14 @@ def model_config_from(checkpoint: dict, path) -> ModelConfig:
         return ModelConfig(**checkpoint["model_config"])
     except (TypeError, ValueError) as exc:
         raise InputError(path, f"invalid model configuration in checkpoint ({exc})") from None
+
+
+def run_files(path) -> list[Path]:
+    """Every file a training run keeps in its folder, for a run directory or a checkpoint file ``path`` (its
+    folder's, and the file itself): what no command that reads the run may write over."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    return [path, *(folder / name for name in RUN_FILES)]
 
 
 def checkpoint_path(path) -> Path:
@@ -108,6 +144,7 @@ def load_model(path, map_location="cpu") -> tuple[TargetVAE, ModelConfig]:
     path = checkpoint_path(path)
     checkpoint = read_checkpoint(path, map_location="cpu")
     config = model_config_from(checkpoint, path)
+    check_fits(model_bytes(config), torch.device("cpu"), f"the model of {path}", "use a machine with more memory")
     model = build_model(config)
     load_model_state(model, checkpoint["model_state"], path)
     return model.to(map_location).eval(), config
@@ -139,6 +176,6 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -11,6 +11,7 @@ import click
 
 from tvae_em import __version__
 from tvae_em.errors import EXIT_INTERRUPTED, TvaeError, UsageError
+from tvae_em.interrupt import Stop, stop_on_signals
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _DEVICE = click.option("--device", default="auto", show_default=True,
@@ -304,7 +305,8 @@ def main(argv=None):
     """Entry point: run the CLI, turning user errors into one stderr line and an exit code."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        code = cli.main(args=argv, prog_name="tvae-em", standalone_mode=False)
+        with stop_on_signals():
+            code = cli.main(args=argv, prog_name="tvae-em", standalone_mode=False)
     except click.UsageError as exc:  # click's own: unknown option, bad choice, missing argument
         where = exc.ctx.command_path if exc.ctx else "tvae-em"
         click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
@@ -320,6 +322,11 @@ def main(argv=None):
             raise
         click.echo(f"error: {exc}", err=True)
         code = exc.exit_code
+    except Stop as stop:  # a signal outside the steps that describe their own interruption (training epochs)
+        if debug:
+            raise
+        click.echo(f"error: {stop.name} received: stopped, no partial output left behind", err=True)
+        code = EXIT_INTERRUPTED
     sys.exit(code or 0)
 
 

@@ -42,3 +42,9 @@ class UsageError(TvaeError):
     """The command line asks for something that cannot be done (e.g. output path equals an input)."""
 
     exit_code = EXIT_USAGE
+
+
+class Interrupted(TvaeError):
+    """SIGINT/SIGTERM stopped a command (``tvae_em.interrupt``); what was finished is kept, nothing partial."""
+
+    exit_code = EXIT_INTERRUPTED

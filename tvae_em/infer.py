@@ -15,6 +15,7 @@ unsharded outputs are identical.
 import hashlib
 import sys
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,14 @@ import torch
 from tqdm import tqdm
 
 from tvae_em import plots
-from tvae_em.checkpoint import checkpoint_path, load_model
+from tvae_em.checkpoint import checkpoint_path, load_model, run_files
 from tvae_em.device import bf16_autocast, bf16_autocast_enabled, resolve_device
 from tvae_em.errors import InputError, UsageError
-from tvae_em.io.atomic import atomic_path, refuse_overwriting
+from tvae_em.io.atomic import atomic_path, atomic_paths, refuse_overwriting
+from tvae_em.io.files import regular_file
 from tvae_em.io.stack import open_particles
 from tvae_em.io.star import write_star
+from tvae_em.memory import FLOAT_BYTES, check_fits, model_bytes
 from tvae_em.metrics import WARD_MAX_POINTS, cluster
 from tvae_em.poses import model_to_relion
 from tvae_em.render import CLUSTER_COLUMN, decode_at, z_columns
@@ -43,6 +46,10 @@ REFINEMENT_ANGLES = ("rlnAngleRot", "rlnAngleTilt")
 CONFIDENCE_COLUMN = "tvaePoseLocalMass"
 CONFIDENT_MASS = 0.5  # a pose is confident when this much of q(t, r | y) lies within 1 px and 1 bin of it
 _SHARD_FORMAT = 1
+# What a shard's ``source`` holds, with the type of each value (``Results``), for both kinds and for 'embed'.
+_SOURCE_TYPES = {"kind": str, "star_path": str, "n_rows": int, "run_dir": str, "datadir": str,
+                 "star_sha256": str, "model_sha256": str}
+_KIND_SOURCE_TYPES = {"embed": {"clusters": int, "method": str, "seed": int}, "pose": {}}
 
 
 # --- encoding -----------------------------------------------------------------------------------------------
@@ -64,6 +71,8 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
     bf16 = bf16_autocast_enabled(amp, device)
     indices = np.arange(len(particles)) if indices is None else np.asarray(indices, dtype=np.int64)
     check_image_size(model, particles)
+    check_fits(model_bytes(model.config, batch_size, activation_bytes=2 if bf16 else FLOAT_BYTES), device,
+               f"encoding batches of {batch_size} particles", "use a smaller --batch-size")
     model.to(device).eval()
     model.encoder.export()
     cfg = model.config
@@ -151,15 +160,34 @@ class Results:
 
     @classmethod
     def load(cls, path) -> "Results":
+        """The results saved in ``path``; InputError if it is not a complete, consistent shard file."""
+        path = regular_file(path)
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "format" not in data.files or int(data["format"]) != _SHARD_FORMAT:
                     raise InputError(path, "not a shard result of tvae-em embed/pose (or of another version)")
                 columns = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("column:")}
                 source = {k.split(":", 1)[1]: data[k].item() for k in data.files if k.startswith("source:")}
-                return cls(rows=data["rows"], columns=columns, source=source)
-        except (OSError, ValueError, KeyError) as err:
+                results = cls(rows=data["rows"], columns=columns, source=source)
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as err:
             raise InputError(path, f"cannot read shard results: {err}") from None
+        results._check(path)
+        return results
+
+    def _check(self, path) -> None:
+        """Everything merging relies on: the source fields and their types, integer rows inside the input, and
+        one value per row in every column."""
+        kind = self.source.get("kind")
+        if kind not in _KIND_SOURCE_TYPES:
+            raise InputError(path, f"shard results of an unknown kind {kind!r}")
+        for key, kind_of_value in {**_SOURCE_TYPES, **_KIND_SOURCE_TYPES[kind]}.items():
+            if not isinstance(self.source.get(key), kind_of_value):
+                raise InputError(path, f"incomplete shard results: {key} missing or not a {kind_of_value.__name__}")
+        rows, n_rows = self.rows, self.source["n_rows"]
+        if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and not 0 <= rows.min() <= rows.max() < n_rows):
+            raise InputError(path, f"shard rows are not indices into the {n_rows} rows of the input STAR")
+        if not self.columns or any(values.shape != rows.shape for values in self.columns.values()):
+            raise InputError(path, "shard results without one value per row in every column")
 
 
 def merge_shards(shard_outputs, out_star) -> Path:
@@ -171,6 +199,7 @@ def merge_shards(shard_outputs, out_star) -> Path:
     paths = [Path(p) for p in shard_outputs]
     if not paths:
         raise UsageError("no shard results to merge")
+    refuse_overwriting([out_star], paths)
     parts = [Results.load(p) for p in paths]
     source = parts[0].source
     for path, part in zip(paths[1:], parts[1:], strict=True):
@@ -178,11 +207,14 @@ def merge_shards(shard_outputs, out_star) -> Path:
             raise InputError(path, f"a shard of '{part.source['kind']}', but {paths[0]} is one of "
                                    f"'{source['kind']}'")
         changed = sorted(k for k in source.keys() | part.source.keys() if part.source.get(k) != source.get(k))
+        if part.columns.keys() != parts[0].columns.keys():
+            changed.append("columns")
         if changed:
             raise InputError(path, f"made from other inputs or settings than {paths[0]} (differs in "
                                    f"{', '.join(changed)})")
-    if file_sha256(source["star_path"]) != source["star_sha256"]:
-        raise InputError(source["star_path"], "changed since the shards were computed; rerun them")
+    refuse_overwriting(output_paths(out_star, source["kind"]).values(),
+                       [*paths, source["star_path"], *run_files(source["run_dir"])])
+    check_unchanged(source["star_path"], source["star_sha256"], "the input STAR")
     rows = np.concatenate([part.rows for part in parts])
     _check_coverage(rows, source["n_rows"], paths, parts)
     order = np.argsort(rows, kind="stable")
@@ -203,6 +235,15 @@ def _check_coverage(rows, n_rows, paths, parts) -> None:
     if len(missing):
         raise InputError(paths[0], f"{len(missing)} of {n_rows} rows (first: {missing[0]}) are in none of "
                                    f"the {len(paths)} shards given")
+
+
+def check_unchanged(path, sha256: str, what: str) -> None:
+    """InputError unless ``path`` still holds the file the shards were computed from (SHA-256 ``sha256``)."""
+    if not Path(path).is_file():
+        raise InputError(path, f"{what} of the shards is gone (moved or deleted since they were computed); "
+                               "put it back or rerun the shards")
+    if file_sha256(path) != sha256:
+        raise InputError(path, f"{what} changed since the shards were computed; rerun them")
 
 
 def file_sha256(path) -> str:
@@ -261,10 +302,11 @@ def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto"
 def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_size, device, amp, datadir) -> Path:
     """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run."""
     star_path, out_star = Path(star_path).resolve(), Path(out_star)
-    refuse_overwriting([out_star], [star_path, checkpoint_path(run_dir)])
+    outputs = [shard_output_path(out_star, shard)] if shard else output_paths(out_star, settings["kind"]).values()
+    refuse_overwriting(outputs, [star_path, *run_files(run_dir)])
     model, _ = load_model(run_dir, map_location=resolve_device(device))
     particles = open_particles(star_path, datadir=datadir)
-    refuse_overwriting([out_star], particles.stack_paths)
+    refuse_overwriting(outputs, particles.stack_paths)
     rows = shard_rows(len(particles), shard)
     encoded = encode_particles(model, particles, batch_size, device, rows, amp)
     source = {**settings, "star_path": str(star_path), "n_rows": len(particles),
@@ -281,46 +323,58 @@ def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_s
 
 
 def _finish(results: Results, out_star, model=None, particles=None) -> Path:
-    """The step that needs every row: global analysis, the output STAR and the figures."""
+    """The step that needs every row: global analysis, then the output STAR and its side outputs, all or none.
+
+    Without ``model`` and ``particles`` (merging shards) both are loaded from the source the shards recorded,
+    after checking that the run's checkpoint is still the one they were computed with.
+    """
     source = results.source
+    outputs = output_paths(out_star, source["kind"])
     if particles is None:
         particles = open_particles(source["star_path"], datadir=source["datadir"] or None)
+        refuse_overwriting(outputs.values(), particles.stack_paths)
+    if source["kind"] == "embed" and model is None:
+        checkpoint = checkpoint_path(source["run_dir"])
+        check_unchanged(checkpoint, source["model_sha256"], "the model checkpoint")
+        model, _ = load_model(checkpoint, map_location=torch.device("cpu"))
     columns = dict(results.columns)
-    out_star = Path(out_star)
-    if source["kind"] == "embed":
-        if model is None:
-            model, _ = load_model(source["run_dir"], map_location=torch.device("cpu"))
-        _finish_embedding(columns, source, out_star, model)
-    else:
-        _pose_figure(columns, out_star)
-    write_star(out_star, particles.table, pd.DataFrame(columns), block=particles.block)
+    with atomic_paths(*outputs.values()) as temporaries:
+        written = dict(zip(outputs, temporaries, strict=True))
+        if source["kind"] == "embed":
+            _finish_embedding(columns, source, model, written["embedding"], written["latent"])
+        else:
+            _pose_figure(columns, written["poses"])
+        write_star(written["star"], particles.table, pd.DataFrame(columns), block=particles.block)
     tqdm.write(confidence_report(columns[CONFIDENCE_COLUMN]), file=sys.stderr)
     if TVAE_POSE[0] in columns:
         tqdm.write(f"{source['star_path']} holds 3-D refinement angles ({', '.join(REFINEMENT_ANGLES)}): they and "
                    f"the refinement's psi and origins are kept; the in-plane poses are in _{', _'.join(TVAE_POSE)} "
                    "(use --replace-angles to write them to rlnAnglePsi and rlnOriginX/YAngst instead)",
                    file=sys.stderr)
-    return out_star
+    return Path(out_star)
 
 
 def confidence_report(local_mass) -> str:
     """One line counting the particles whose pose is uncertain; also a warning when they are the majority,
-    since then the latents and poses of most particles say little (an untrained or briefly trained model, or
-    images unlike those it was trained on)."""
+    since then the latents and poses of most particles say little (an untrained or briefly trained model, very
+    noisy particles, or images unlike those it was trained on)."""
     uncertain = int(np.sum(np.asarray(local_mass) < CONFIDENT_MASS))
     total = len(local_mass)
     if uncertain > total / 2:
-        warnings.warn(f"most poses are uncertain ({uncertain} of {total}): the model does not place these "
-                      "particles; train it longer, or check that the images are like the training set",
-                      stacklevel=2)
+        warnings.warn(f"most poses are uncertain ({uncertain} of {total}): q(t, r | y) is spread over many "
+                      "pixels or rotations; the model may need longer training, or the images may be unlike "
+                      "those it was trained on", stacklevel=2)
     return (f"{uncertain} of {total} particles ({100 * uncertain / max(total, 1):.1f} %) have uncertain poses "
             f"(less than {CONFIDENT_MASS:.0%} of q(t, r | y) within 1 px and one rotation bin of the chosen cell)")
 
 
-def derived_path(out_star, role, suffix) -> Path:
-    """Side outputs live beside the output STAR and are named after it: <stem>_<role><suffix>."""
+def output_paths(out_star, kind: str) -> dict[str, Path]:
+    """Every file an unsharded ``kind`` run (or a merge) writes, by role: the STAR and, beside it and named
+    after it (<stem>_<role><suffix>), its side outputs."""
     out_star = Path(out_star)
-    return out_star.with_name(f"{out_star.stem}_{role}{suffix}")
+    sides = {"embed": {"embedding": ".npz", "latent": ".png"}, "pose": {"poses": ".png"}}[kind]
+    return {"star": out_star, **{role: out_star.with_name(f"{out_star.stem}_{role}{suffix}")
+                                 for role, suffix in sides.items()}}
 
 
 # --- embedding ----------------------------------------------------------------------------------------------
@@ -333,11 +387,15 @@ def _embed_columns(encoded, particles, rows, settings) -> dict:
     return columns
 
 
-def _finish_embedding(columns, source, out_star, model) -> None:
+def _finish_embedding(columns, source, model, npz_path, figure_path) -> None:
     """Cluster the latent means (in place: adds the cluster column), then write the npz and the figure."""
     z_dim = model.config.z_dim
     z_mu = np.column_stack([columns[name] for name in z_columns(z_dim)])
     z_std = np.column_stack([columns[name] for name in z_columns(z_dim, "tvaeZStd")])
+    not_finite = np.flatnonzero(~np.isfinite(z_mu).all(1))
+    if not_finite.size:
+        raise InputError(source["star_path"], f"the latents of {not_finite.size} particles (first: row "
+                                              f"{not_finite[0] + 1}) are NaN or infinite; check their images")
     arrays = {"z_mu": z_mu, "z_std": z_std, "rows": np.arange(len(z_mu))}
     labels = centers = images = None
     if source["clusters"]:
@@ -346,10 +404,10 @@ def _finish_embedding(columns, source, out_star, model) -> None:
         images = decode_at(model, centers)
         columns[CLUSTER_COLUMN] = labels
         arrays.update(cluster=labels, cluster_centers=centers)
-    with atomic_path(derived_path(out_star, "embedding", ".npz")) as tmp:
+    with atomic_path(npz_path) as tmp:
         np.savez(tmp, **arrays)
-    plots.latent_figure(derived_path(out_star, "latent", ".png"), z_mu, labels, centers, images,
-                        title="posterior means of z", seed=source["seed"])
+    plots.latent_figure(figure_path, z_mu, labels, centers, images, title="posterior means of z",
+                        seed=source["seed"])
 
 
 def cluster_latents(z, k, method="ward", seed=0) -> np.ndarray:
@@ -405,11 +463,11 @@ def _pose_columns(encoded, particles, rows, settings) -> dict:
             "tvaeRotationMassTop": mass.max(1)}
 
 
-def _pose_figure(columns, out_star) -> None:
+def _pose_figure(columns, figure_path) -> None:
     psi, origin_x, origin_y = (columns[name] for name in (TVAE_POSE if TVAE_POSE[0] in columns else RELION_POSE))
-    plots.pose_figure(derived_path(out_star, "poses", ".png"), psi_deg=psi, origin_x_angst=origin_x,
-                      origin_y_angst=origin_y, entropy_nats=columns["tvaePoseEntropy"],
-                      local_mass=columns[CONFIDENCE_COLUMN], symmetry_hint=columns["tvaeSymmetryHint"])
+    plots.pose_figure(figure_path, psi_deg=psi, origin_x_angst=origin_x, origin_y_angst=origin_y,
+                      entropy_nats=columns["tvaePoseEntropy"], local_mass=columns[CONFIDENCE_COLUMN],
+                      symmetry_hint=columns["tvaeSymmetryHint"])
 
 
 def symmetry_hint(rotation_mass) -> np.ndarray:

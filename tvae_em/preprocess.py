@@ -13,9 +13,9 @@ Steps, applied chunk by chunk so that memory is bounded by ``chunk_size`` images
 4. Optional soft circular mask: 1 inside radius box/2 - w, a raised-cosine edge of width w = max(2, box/16)
    pixels, 0 from box/2 out.
 
-Outputs are ``out_dir/particles.mrcs`` and ``out_dir/particles.star``.  The STAR file keeps every input
-column; ``_rlnImageName`` points into the new stack (path relative to the working folder, as RELION
-writes it) and the previous image name is kept in ``_tvaeSourceImageName``.
+Outputs are ``out_dir/particles.mrcs`` and ``out_dir/particles.star``, which appear together or not at all.
+The STAR file keeps every input column; ``_rlnImageName`` points into the new stack (path relative to the
+working folder, as RELION writes it) and the previous image name is kept in ``_tvaeSourceImageName``.
 """
 
 import sys
@@ -29,7 +29,7 @@ from scipy import fft
 from tqdm import tqdm
 
 from tvae_em.errors import InputError, UsageError
-from tvae_em.io.atomic import refuse_overwriting
+from tvae_em.io.atomic import atomic_paths, refuse_overwriting
 from tvae_em.io.mrc import StackWriter
 from tvae_em.io.picks import PickedBoxes, match_micrographs, read_picks
 from tvae_em.io.relion import DEFAULT_PIXEL_SIZE
@@ -89,6 +89,9 @@ class _Pipeline:
 
     def __post_init__(self):
         self._background = background_mask(self.out_box)
+        if self.normalize != "none" and not self._background.any():
+            raise UsageError(f"{self.out_box}x{self.out_box} px images have no pixel outside the particle circle "
+                             "to normalise by; use larger images or --normalize none")
 
     def shaped(self, images: np.ndarray) -> np.ndarray:
         images = fourier_crop(images, self.out_box)
@@ -168,8 +171,9 @@ def preprocess_star(star_path, out_dir, box: int | None = None, normalize: str =
     if normalize == "stack":
         pipeline.fit_stack(particles, chunk_size)
     scale = particles.box / out_box
-    _stream(particles, pipeline, stack_out, float(particles.pixel_sizes[0]) * scale, chunk_size)
-    write_star(star_out, _restacked(particles.table, particles.block, stack_out, out_box, scale))
+    with atomic_paths(star_out, stack_out) as (star_tmp, stack_tmp):
+        _stream(particles, pipeline, stack_tmp, float(particles.pixel_sizes[0]) * scale, chunk_size)
+        write_star(star_tmp, _restacked(particles.table, particles.block, stack_out, out_box, scale))
     return star_out
 
 
@@ -211,7 +215,6 @@ def preprocess_picks(picks_path, micrographs_glob: str, box: int, out_dir, thres
     if normalize == "stack":
         pipeline.fit_stack(boxes, chunk_size)
     scale = box / out_box
-    _stream(boxes, pipeline, stack_out, apix * scale, chunk_size)
     rows = table[boxes.kept].reset_index(drop=True)
     rows["rlnMicrographName"] = [relion_path(micrographs[i]) for i in mic_id[boxes.kept]]
     rows["rlnImageName"] = _image_names(len(rows), stack_out)
@@ -219,5 +222,7 @@ def preprocess_picks(picks_path, micrographs_glob: str, box: int, out_dir, thres
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
                            "rlnImagePixelSize": [apix * scale], "rlnImageSize": [out_box],
                            "rlnImageDimensionality": [2]})
-    write_star(star_out, new_relion31_star(optics, rows))
+    with atomic_paths(star_out, stack_out) as (star_tmp, stack_tmp):
+        _stream(boxes, pipeline, stack_tmp, apix * scale, chunk_size)
+        write_star(star_tmp, new_relion31_star(optics, rows))
     return star_out

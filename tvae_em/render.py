@@ -14,12 +14,15 @@ import pandas as pd
 import torch
 
 from tvae_em import plots
-from tvae_em.checkpoint import load_model
+from tvae_em.checkpoint import load_model, run_files
 from tvae_em.device import resolve_device
 from tvae_em.errors import InputError, UsageError
+from tvae_em.io.atomic import atomic_paths, refuse_overwriting
+from tvae_em.io.files import regular_file
 from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, particle_pixel_sizes
 from tvae_em.io.stack import relion_path, write_stack
 from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
+from tvae_em.memory import FLOAT_BYTES, check_fits
 from tvae_em.poses import model_to_relion
 
 CLUSTER_COLUMN = "tvaeCluster"
@@ -73,22 +76,35 @@ def render(run_dir, out_dir, z=None, z_file=None, grid=None, theta_deg=0.0, shif
     cluster number). ``grid`` = n draws an n x n traversal of a 2-D latent space over the 1st-99th percentile
     range of the given points, or +-2 std of the prior without them; it is laid out row-major with z2
     decreasing downwards, as in a plot. ``apix`` (Å/px) labels the images; by default the (uniform) pixel
-    size of a given STAR file, else 1.
+    size of a given STAR file, else 1. The three outputs appear together or not at all.
     """
-    model, _ = load_model(run_dir, map_location=resolve_device(device))
-    source = choose_latents(model.config.z_dim, z, z_file, grid, centers_from)
-    apix = float(apix or source.apix or DEFAULT_PIXEL_SIZE)
-    theta_rad = np.radians(float(theta_deg))
-    t_model = np.asarray(shift_px, dtype=np.float64) / (model.config.image_size / 2)
-    images = decode_at(model, source.z, theta_rad, t_model, batch_size)
     out_dir = Path(out_dir)
-    write_stack(out_dir / STACK_NAME, images, apix)
-    star_path = out_dir / STAR_NAME
-    write_star(star_path, rendered_star(source, theta_rad, t_model, images.shape[-1], apix,
-                                        relion_path(out_dir / STACK_NAME)))
+    outputs = [out_dir / STACK_NAME, out_dir / STAR_NAME, out_dir / MONTAGE_NAME]
+    refuse_overwriting(outputs, [*run_files(run_dir), *(path for path in (z_file, centers_from) if path)])
+    theta_rad, shift_px = np.radians(float(theta_deg)), np.asarray(shift_px, dtype=np.float64)
+    if not (np.isfinite(theta_rad) and np.isfinite(shift_px).all()):
+        raise UsageError(f"the pose must be finite numbers, got theta {theta_deg} and shift {tuple(shift_px)}")
+    model, _ = load_model(run_dir, map_location=resolve_device(device))
+    size = model.config.image_size
+    if grid is not None:
+        _check_images_fit(grid ** 2, size)
+    source = choose_latents(model.config.z_dim, z, z_file, grid, centers_from)
+    _check_images_fit(len(source.z), size)
+    apix = float(apix or source.apix or DEFAULT_PIXEL_SIZE)
+    t_model = shift_px / (size / 2)
+    images = decode_at(model, source.z, theta_rad, t_model, batch_size)
     titles = None if source.clusters is None else [f"cluster {c}" for c in source.clusters]
-    plots.montage_figure(out_dir / MONTAGE_NAME, images, titles, columns=grid)
-    return star_path
+    with atomic_paths(*outputs) as (stack_tmp, star_tmp, montage_tmp):
+        write_stack(stack_tmp, images, apix)
+        write_star(star_tmp, rendered_star(source, theta_rad, t_model, size, apix, relion_path(outputs[0])))
+        plots.montage_figure(montage_tmp, images, titles, columns=grid)
+    return outputs[1]
+
+
+def _check_images_fit(count: int, size: int) -> None:
+    """The rendered images are held in memory (for the stack and the montage): refuse a count that cannot be."""
+    check_fits(count * size ** 2 * FLOAT_BYTES, torch.device("cpu"), f"rendering {count:,} images of {size} px",
+               "render fewer latents or a smaller --grid")
 
 
 def choose_latents(z_dim, z=None, z_file=None, grid=None, centers_from=None) -> Latents:
@@ -129,10 +145,8 @@ def traversal(points, n, z_dim) -> np.ndarray:
 def load_latents(path, z_dim) -> Latents:
     """Latents (k, Z) from .npy, .npz (array 'z_mu' or 'z', or its only array), .csv (optionally with a
     header line) or a STAR file with ``_tvaeZ01..`` columns."""
-    path = Path(path)
+    path = regular_file(path)
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise InputError(path, "file not found")
     if suffix == ".star":
         star, block = _latent_table(path, z_dim)
         return Latents(_star_latents(star, block, z_dim), apix=_uniform_pixel_size(star, block))

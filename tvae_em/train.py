@@ -10,14 +10,23 @@ seeded by (seed, stream, e[, rank]), never from global random state, so a run re
 epoch e - 1 replays epoch e exactly as an uninterrupted run does (bit-identical on CPU). The global torch,
 CUDA, numpy and Python states are saved and restored as well, for any library code that draws from them.
 
-Interruption. SIGINT/SIGTERM set a flag that is checked after every batch: the epoch in progress is dropped
-(nothing of it is saved), completed epochs stay in ``checkpoint_last.pt``, and ``Interrupted`` is raised.
-A second signal stops at once. A NaN/inf loss or gradient raises ``TrainingDiverged`` before the optimiser
-step, so no non-finite parameter is ever written.
+Interruption. SIGINT/SIGTERM stop training within seconds (``tvae_em.interrupt``): the epoch in progress is
+dropped (nothing of it is saved), completed epochs stay in ``checkpoint_last.pt``, and ``Interrupted`` is
+raised. Saving an epoch is never cut in half: a signal that arrives meanwhile takes effect once it is saved.
+On CPU the autograd engine runs a batch's backward pass on the main thread without running Python code, for
+tens of seconds with the default generator on a busy machine, so the forward pass of a single CPU process
+leaves a Python call before each backward step (``_interruptible_backward``) where the signal can take effect.
+A NaN/inf loss or gradient raises ``TrainingDiverged`` before the optimiser step, so no non-finite parameter is
+ever written.
+
+One process at a time: rank 0 holds an exclusive lock on ``run_dir`` (``.lock`` in it) for the whole run, so a
+second ``train`` into the same folder stops at once with a UsageError instead of replacing the first one's
+files.
 
 Multi-GPU. Launched by ``torchrun`` (WORLD_SIZE > 1), every rank joins a process group (NCCL on CUDA, Gloo on
 CPU), the model is wrapped in DistributedDataParallel and every batch of the global order is split between
-the ranks, so the effective batch stays ``batch_size``. Only rank 0 writes files.
+the ranks, so the effective batch stays ``batch_size``. Only rank 0 writes files. A rank that receives a signal
+stops at once; torchrun forwards signals to every rank and ends the others when one exits.
 
 Files in ``run_dir``, each written atomically (rank 0 only):
     split.npz           0-based particle indices of the training and validation sets, written once
@@ -25,14 +34,15 @@ Files in ``run_dir``, each written atomically (rank 0 only):
     checkpoint_best.pt  the same, for the epoch with the best monitored loss (what ``load_model`` returns)
     log.csv             one row per epoch; reconstruction and KL columns are training-epoch means
     learning_curve.png  training and validation ELBO, learning rate
+    .lock               empty; locked while a training process writes the run
 """
 
+import contextlib
 import csv
 import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,26 +59,31 @@ from tqdm import tqdm
 
 from tvae_em import checkpoint as ckpt
 from tvae_em.device import AMP_MODES, bf16_autocast, bf16_autocast_enabled, resolve_device
-from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
-from tvae_em.io.atomic import atomic_path
+from tvae_em.errors import InputError, Interrupted, TvaeError, UsageError
+from tvae_em.interrupt import STOP_SIGNALS, Stop, deferred_signals, stop_on_signals
+from tvae_em.io.atomic import atomic_path, locked_folder, refuse_overwriting
+from tvae_em.memory import FLOAT_BYTES, check_fits, model_bytes
 from tvae_em.model import ModelConfig
 from tvae_em.plots import save_figure
 
-SPLIT_FILE = "split.npz"
-LOG_FILE = "log.csv"
-CURVE_FILE = "learning_curve.png"
 METRICS = ("elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift")
 LOG_COLUMNS = ("epoch", "train_elbo", "val_elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift",
                "lr", "seconds", "data_wait")
+_PLOTTED = {"epoch", "train_elbo", "val_elbo", "lr"}  # log columns the learning curve reads
+
+# The fields a checkpoint needs beyond ckpt.REQUIRED_FIELDS to resume training, with their types.
+_RESUME_FIELDS = {"optimizer_state": dict, "scheduler_state": dict, "best_epoch": int, "best_loss": float,
+                  "bad_epochs": int, "stop_reason": (str, type(None)), "history": list, "rng": dict,
+                  "n_particles": int}
+
+# Preprocessed images have pixel mean ~0 and std ~1 (background normalised); beyond this limit they were not.
+_NORMALISED_LIMIT = 10.0
+_SCALE_SAMPLE = 100
+_SMALLER_MODEL = ("use fewer --encoder-fields or --rotations, a smaller --encoder-kernel, --generator-width, "
+                  "--generator-depth or --batch-size, or smaller images (preprocess -D)")
 
 # Independent random streams, each seeded by (seed, stream, ...).
 _SPLIT, _INIT, _ORDER, _NOISE, _VALIDATION = range(5)
-
-
-class Interrupted(TvaeError):
-    """SIGINT/SIGTERM stopped training; the completed epochs are kept in checkpoint_last.pt."""
-
-    exit_code = EXIT_INTERRUPTED
 
 
 class TrainingDiverged(TvaeError):
@@ -137,16 +152,23 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     is used) and ends with the same parameters as an uninterrupted run; without a checkpoint it starts afresh.
     A fresh run refuses a ``run_dir`` that already holds a checkpoint.
 
-    Raises Interrupted (SIGINT/SIGTERM), TrainingDiverged (NaN/inf loss), UsageError (impossible request or
-    resume mismatch), InputError (unreadable checkpoint) or TvaeError (unusable particle images); in every case
-    the files of completed epochs are kept intact.
+    Raises Interrupted (SIGINT/SIGTERM), TrainingDiverged (NaN/inf loss), UsageError (impossible request,
+    resume mismatch, or ``run_dir`` in use by another training process), InputError (unreadable checkpoint) or
+    TvaeError (unusable particle images); in every case the files of completed epochs are kept intact.
     """
+    run_dir = Path(run_dir)
+    if resume and not run_dir.is_dir():
+        raise InputError(run_dir, "no such run directory to resume")
     device = resolve_device(train_config.device, int(os.environ.get("LOCAL_RANK", "0")))
     group = _ProcessGroup.start(device)
     try:
-        with _SignalFlag() as signals:
-            return _Trainer(model_config, train_config, particles, Path(run_dir), resume, device, group,
-                            signals).run()
+        with stop_on_signals():
+            try:
+                trainer = _Trainer(model_config, train_config, particles, run_dir, resume, device, group)
+            except Stop as stop:
+                raise Interrupted(f"{stop.name} received before the first epoch began: stopped, nothing was "
+                                  "trained") from None
+            return trainer.run()
     finally:
         group.close()
 
@@ -156,16 +178,21 @@ def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options
     """``train`` on the particles of a RELION/Topaz STAR file; the model's image size is the particle box.
 
     ``model_options`` are ModelConfig fields other than ``image_size``; when resuming without them the run's
-    stored configuration is used.
+    stored configuration is used. UsageError for options out of range, or for a run folder whose files
+    would replace the STAR file or one of its stacks.
     """
     # imported here: train() itself works on any particle source, only this entry point reads STAR/MRCS
     from tvae_em.io.stack import open_particles
 
     particles = open_particles(star_path, datadir=datadir)
+    refuse_overwriting(ckpt.run_files(run_dir)[1:], [star_path, *particles.stack_paths])
     if resume and model_options is None:
         model_config = None
     else:
-        model_config = ModelConfig(image_size=particles.box, **(model_options or {}))
+        try:
+            model_config = ModelConfig(image_size=particles.box, **(model_options or {}))
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"invalid model configuration: {err}") from None
     return train(model_config, train_config, particles, run_dir, resume=resume)
 
 
@@ -208,13 +235,12 @@ class _Trainer:
     """State of one run (model, optimiser, scheduler, counters, history) and the epoch loop over it."""
 
     def __init__(self, model_config, config: TrainConfig, particles, run_dir: Path, resume: bool,
-                 device: torch.device, group: "_ProcessGroup", signals: "_SignalFlag"):
+                 device: torch.device, group: "_ProcessGroup"):
         self.config, self.particles, self.run_dir = config, particles, run_dir
-        self.device, self.group, self.signals = device, group, signals
+        self.device, self.group = device, group
         self.writes = group.rank == 0
         self.amp = bf16_autocast_enabled(config.amp, device)
-        if not resume and (run_dir / ckpt.LAST).exists():
-            raise UsageError(f"{run_dir} already holds a training run: resume it or choose another directory")
+        self.resume = resume
         checkpoint = self._checkpoint_to_resume() if resume else None
         if resume and checkpoint is None and config.progress and self.writes:
             tqdm.write(f"{run_dir} holds no completed epoch: starting from the beginning", file=sys.stderr)
@@ -223,6 +249,10 @@ class _Trainer:
         elif model_config is None:
             raise UsageError("a model configuration is needed to start a new run")
         self.train_idx, self.val_idx = make_split(len(particles), config.val_fraction, config.seed)
+        _check_normalised(particles, self.train_idx, model_config)
+        rank_batch, activation_bytes = -(-config.batch_size // group.world), 2 if self.amp else FLOAT_BYTES
+        check_fits(model_bytes(model_config, rank_batch, training=True, activation_bytes=activation_bytes),
+                   device, f"training this model on batches of {rank_batch} particles", _SMALLER_MODEL)
         self.model = ckpt.build_model(model_config, seed=_seed(config.seed, _INIT)).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         # threshold 0: any decrease counts as an improvement, as for early stopping
@@ -239,14 +269,17 @@ class _Trainer:
 
     # --- resume -------------------------------------------------------------------------------------------
     def _checkpoint_to_resume(self) -> dict | None:
-        if not self.run_dir.is_dir():
-            raise InputError(self.run_dir, "no such run directory to resume")
         path = self.run_dir / ckpt.LAST
         return ckpt.read_checkpoint(path) if path.exists() else None
 
     def _check_resumable(self, checkpoint: dict, model_config) -> ModelConfig:
-        """The stored model configuration, after checking the request and the data against the run."""
+        """The stored model configuration, after checking the checkpoint's training state, and the request and
+        the data against the run."""
         path = self.run_dir / ckpt.LAST
+        ckpt.check_field_types(checkpoint, _RESUME_FIELDS, path)
+        if not all(isinstance(row, dict) and _PLOTTED <= row.keys() <= set(LOG_COLUMNS)
+                   for row in checkpoint["history"]):
+            raise InputError(path, "malformed checkpoint: history rows are not log.csv rows")
         stored_model = ckpt.model_config_from(checkpoint, path)
         if model_config is not None:
             _refuse_changes("model", stored_model.to_dict(), model_config.to_dict(), ())
@@ -258,13 +291,20 @@ class _Trainer:
         return stored_model
 
     def _restore(self, checkpoint: dict) -> None:
-        ckpt.load_model_state(self.model, checkpoint["model_state"], self.run_dir / ckpt.LAST)
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+        """Continue where the checkpoint ends; InputError naming it if its states do not fit the run (the
+        optimiser's, the scheduler's and the random states are restored by torch, numpy and Python, which
+        raise all sorts of errors for malformed ones)."""
+        path = self.run_dir / ckpt.LAST
+        ckpt.load_model_state(self.model, checkpoint["model_state"], path)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+            self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+            ckpt.restore_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise InputError(path, f"malformed training state in checkpoint ({ckpt.first_line(exc)})") from None
         self.epoch, self.best_epoch = checkpoint["epoch"], checkpoint["best_epoch"]
         self.bad_epochs, self.best_loss = checkpoint["bad_epochs"], checkpoint["best_loss"]
         self.stop_reason, self.history = checkpoint["stop_reason"], checkpoint["history"]
-        ckpt.restore_rng_state(checkpoint["rng"])
 
     def _state(self) -> dict:
         return {
@@ -278,49 +318,64 @@ class _Trainer:
 
     # --- epochs -------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        if self.writes:
-            _remove_stale_temporaries(self.run_dir)
-            self._write_split()  # identical when resuming (same seed, fraction and particle count)
-        if self.stop_reason != "early_stop":
-            for epoch in range(self.epoch + 1, self.config.epochs + 1):
-                self._run_epoch(epoch)
-                if self.stop_reason == "early_stop":
-                    break
+        """The epochs, with the run folder locked from its first write (everything that can be refused has been
+        by then, so a refused run leaves no folder behind) to its last."""
+        with self._lock():
+            if not self.resume and (self.run_dir / ckpt.LAST).exists():
+                raise UsageError(f"{self.run_dir} already holds a training run: resume it or choose another "
+                                 "directory")
+            try:
+                if self.writes:
+                    _remove_stale_temporaries(self.run_dir)
+                    self._write_split()  # identical when resuming (same seed, fraction and particle count)
+                if self.stop_reason != "early_stop":
+                    for epoch in range(self.epoch + 1, self.config.epochs + 1):
+                        self._run_epoch(epoch)
+                        if self.stop_reason == "early_stop":
+                            break
+            except Stop as stop:
+                raise Interrupted(f"{stop.name} received in epoch {self.epoch + 1}: stopped, the epoch was dropped; "
+                                  f"{self._kept()}; resume to continue") from None
         return self._result()
 
+    def _lock(self):
+        """Rank 0 alone writes the run, so it alone holds the folder's lock."""
+        if not self.writes:
+            return contextlib.nullcontext()
+        return locked_folder(self.run_dir, ckpt.LOCK, "a training run writes into it")
+
     def _run_epoch(self, epoch: int) -> None:
-        """One epoch: train, validate, step the scheduler, save. Signals are checked before it and after every
-        training batch; one that arrives during validation or saving stops the run before the next epoch."""
-        if self._consensus(self.signals.name is not None)[0]:
-            raise self._interrupted(epoch)
+        """One epoch: train and validate, then (with signals deferred, so that the epoch either does not count
+        or is saved) step the scheduler, update the counters and save."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         train_metrics, waited = self._train_epoch(epoch)
         train_seconds = time.perf_counter() - start
         val_metrics = self._validate(epoch)
-        monitored = -(val_metrics or train_metrics)["elbo"]
-        self.scheduler.step(monitored)
-        improved = monitored < self.best_loss
-        if improved:
-            self.best_loss, self.best_epoch, self.bad_epochs = monitored, epoch, 0
-        else:
-            self.bad_epochs += 1
-        self.epoch = epoch
-        self.stop_reason = ("early_stop" if self.bad_epochs >= self.config.early_stop
-                            else "max_epochs" if epoch >= self.config.epochs else None)
-        row = {"epoch": epoch, "train_elbo": train_metrics["elbo"],
-               "val_elbo": val_metrics["elbo"] if val_metrics else math.nan,
-               **{name: train_metrics[name] for name in METRICS[1:]},
-               "lr": lr, "seconds": round(time.perf_counter() - start, 3),
-               "data_wait": round(waited / max(train_seconds, 1e-9), 4)}
-        self.history.append(row)
-        if self.writes:
-            self._save(improved)
-        if self.config.progress and self.writes:
-            val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
-            tqdm.write(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, lr {lr:.3g}, "
-                       f"{row['seconds']:.1f} s (waiting for data {100 * row['data_wait']:.0f} %)"
-                       f"{' (best)' if improved else ''}", file=sys.stderr)
+        with deferred_signals():
+            monitored = -(val_metrics or train_metrics)["elbo"]
+            self.scheduler.step(monitored)
+            improved = monitored < self.best_loss
+            if improved:
+                self.best_loss, self.best_epoch, self.bad_epochs = monitored, epoch, 0
+            else:
+                self.bad_epochs += 1
+            self.epoch = epoch
+            self.stop_reason = ("early_stop" if self.bad_epochs >= self.config.early_stop
+                                else "max_epochs" if epoch >= self.config.epochs else None)
+            row = {"epoch": epoch, "train_elbo": train_metrics["elbo"],
+                   "val_elbo": val_metrics["elbo"] if val_metrics else math.nan,
+                   **{name: train_metrics[name] for name in METRICS[1:]},
+                   "lr": lr, "seconds": round(time.perf_counter() - start, 3),
+                   "data_wait": round(waited / max(train_seconds, 1e-9), 4)}
+            self.history.append(row)
+            if self.writes:
+                self._save(improved)
+            if self.config.progress and self.writes:
+                val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
+                tqdm.write(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, lr {lr:.3g}, "
+                           f"{row['seconds']:.1f} s (waiting for data {100 * row['data_wait']:.0f} %)"
+                           f"{' (best)' if improved else ''}", file=sys.stderr)
 
     def _train_epoch(self, epoch: int) -> tuple[dict, float]:
         """The epoch's training metrics and the seconds the loop spent waiting for the next batch of images."""
@@ -333,16 +388,14 @@ class _Trainer:
         loader = _WaitClock(self._load(batches))
         with bar:
             for batch, (indices, images) in enumerate(loader, start=1):
-                with self._autocast():
+                with self._autocast(), self._interruptible_backward():
                     terms = self.elbo(self._to_device(indices, images), noise)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                                      if p.grad is not None])
                 finite = torch.isfinite(torch.stack([terms.loss.detach().float(), grad_norm.float()])).all()
-                diverged, stop = self._consensus(~finite, self.signals.name is not None)
-                if stop:
-                    raise self._interrupted(epoch)
+                (diverged,) = self._consensus(~finite)
                 if diverged:
                     raise TrainingDiverged(
                         f"training diverged: NaN or infinite loss or gradient in epoch {epoch}, batch "
@@ -403,6 +456,14 @@ class _Trainer:
     def _autocast(self):
         return bf16_autocast(self.device, self.amp)
 
+    def _interruptible_backward(self):
+        """``_interruptible_backward`` where it helps and is safe: a single process on the CPU. On GPUs the
+        backward pass runs on device threads, where signal handlers never run, and keeping Python objects in
+        the autograd graphs of DistributedDataParallel ranks made Gloo runs abort at exit now and then."""
+        if self.device.type == "cpu" and self.group.world == 1:
+            return _interruptible_backward()
+        return contextlib.nullcontext()
+
     def _consensus(self, *flags) -> list[bool]:
         """Flags OR-ed over all ranks, so that every rank stops at the same batch."""
         values = torch.stack([torch.as_tensor(flag, dtype=torch.float32, device=self.device)
@@ -416,11 +477,11 @@ class _Trainer:
         if improved:
             ckpt.save_checkpoint(state, self.run_dir / ckpt.BEST)
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST)
-        write_log(self.history, self.run_dir / LOG_FILE)
-        plot_learning_curve(self.history, self.best_epoch, self.run_dir / CURVE_FILE)
+        write_log(self.history, self.run_dir / ckpt.LOG)
+        plot_learning_curve(self.history, self.best_epoch, self.run_dir / ckpt.CURVE)
 
     def _write_split(self) -> None:
-        with atomic_path(self.run_dir / SPLIT_FILE) as tmp:
+        with atomic_path(self.run_dir / ckpt.SPLIT) as tmp:
             np.savez(tmp, train=self.train_idx, val=self.val_idx, n_particles=len(self.particles),
                      seed=self.config.seed, val_fraction=self.config.val_fraction)
 
@@ -428,10 +489,6 @@ class _Trainer:
         if self.epoch == 0:
             return "no epoch had completed"
         return f"{self.run_dir / ckpt.LAST} holds epoch {self.epoch}"
-
-    def _interrupted(self, epoch: int) -> Interrupted:
-        return Interrupted(f"{self.signals.name} received in epoch {epoch}: stopped, the epoch was dropped; "
-                           f"{self._kept()}; resume to continue")
 
     def _result(self) -> TrainResult:
         rows = {row["epoch"]: row for row in self.history}
@@ -558,39 +615,21 @@ class _ProcessGroup:
             dist.destroy_process_group()
 
 
-class _SignalFlag:
-    """Records SIGINT/SIGTERM instead of dying mid-batch; a second signal raises Interrupted at once.
-
-    Handlers can only be installed from the main thread; elsewhere signals keep their default behaviour.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.name = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.name is not None:
-            raise Interrupted(f"{name} received again: stopped at once; completed epochs are kept")
-        self.name = name
-
-
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGINT/SIGTERM to the main process, which shuts them down cleanly."""
-    for sig in _SignalFlag.SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _interruptible_backward():
+    """Saved-tensor hooks that pass every tensor through unchanged and are only there to be Python code: the
+    CPU autograd engine calls them on the main thread before each backward step that reads saved tensors, which
+    lets a pending SIGINT/SIGTERM handler run there instead of after the whole backward pass."""
+    return torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged)
+
+
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _check_images(images: torch.Tensor, indices: torch.Tensor, config: ModelConfig) -> None:
@@ -607,6 +646,21 @@ def _check_images(images: torch.Tensor, indices: torch.Tensor, config: ModelConf
         if outside.any():
             raise TvaeError(f"particles {_listing(indices[outside])} (0-based) have pixels outside [0, 1], "
                             "which the bernoulli likelihood needs; use the gaussian likelihood for cryo-EM")
+
+
+def _check_normalised(particles, indices: np.ndarray, config: ModelConfig) -> None:
+    """Refuse Gaussian-likelihood training on images that were not normalised (raw counts, std ~100): it
+    diverges within a few batches, and the divergence message would send the user to the learning rate
+    instead of to ``preprocess``. Judged on up to _SCALE_SAMPLE evenly spaced particles of ``indices``."""
+    if config.likelihood != "gaussian":
+        return
+    sample = np.unique(indices[np.linspace(0, len(indices) - 1, min(len(indices), _SCALE_SAMPLE)).astype(int)])
+    images = particles.read(sample)
+    mean, std = float(images.mean(dtype=np.float64)), float(images.std(dtype=np.float64))
+    if abs(mean) > _NORMALISED_LIMIT or std > _NORMALISED_LIMIT:
+        raise TvaeError(f"the particle images are not normalised (pixel mean {mean:.3g}, std {std:.3g} in "
+                        f"{len(sample)} particles, where training expects about 0 and 1): run 'tvae-em "
+                        "preprocess' on them first")
 
 
 def _listing(indices: torch.Tensor, shown: int = 5) -> str:
@@ -635,6 +689,6 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
     """Delete temporaries that a killed process left behind (SIGKILL skips ``atomic_path``'s clean-up)."""
-    for name in (ckpt.LAST, ckpt.BEST, LOG_FILE, CURVE_FILE, SPLIT_FILE):
+    for name in ckpt.RUN_FILES:
         for stale in run_dir.glob(f".{name}.*.part{Path(name).suffix}"):
             stale.unlink(missing_ok=True)

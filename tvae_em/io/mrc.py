@@ -19,9 +19,11 @@ from mrcfile.dtypes import HEADER_DTYPE
 
 from tvae_em.errors import InputError
 from tvae_em.io.atomic import atomic_path
+from tvae_em.io.files import regular_file
 
 # MRC2014 modes RELION reads and we accept (4-bit mode 101 and complex modes are not particle images).
 MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
+MRC2014_MODES = {0, 1, 2, 3, 4, 6, 12, 101}
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,7 @@ class MrcHeader:
 
 def read_mrc_header(path) -> MrcHeader:
     """Parse and check the header; InputError for a missing, non-MRC, unsupported or truncated file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
+    path = regular_file(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -49,6 +49,9 @@ def read_mrc_header(path) -> MrcHeader:
         except (ValueError, OSError) as err:
             raise InputError(path, f"not a readable MRC file ({err})") from None
     mode = int(header.mode)
+    if mode not in MRC2014_MODES and bytes(header.map) != b"MAP ":
+        raise InputError(path, f"not an MRC file (no MRC mode and no 'MAP ' stamp in its header, which begins "
+                               f"{_first_bytes(path)!r})")
     if mode not in MODE_DTYPES:
         raise InputError(path, f"unsupported MRC mode {mode} (supported: 0, 1, 2, 6, 12)")
     shape = (int(header.nz), int(header.ny), int(header.nx))
@@ -64,6 +67,11 @@ def read_mrc_header(path) -> MrcHeader:
                          f"(mode {mode}, {needed} bytes) but the file holds {size} bytes")
     stamped = not any("stamp" in str(w.message) or "Map ID" in str(w.message) for w in caught)
     return MrcHeader(path, shape, dtype, offset, _pixel_size(header), stamped)
+
+
+def _first_bytes(path: Path, count: int = 16) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(count)
 
 
 def _pixel_size(header) -> float:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tvae_em.errors import InputError, UsageError
+from tvae_em.io.files import regular_file
 from tvae_em.io.mrc import MrcHeader, map_data, read_mrc_header, warn_unstamped
 from tvae_em.io.star import StarBlock, StarFile, numeric_column, read_star
 
@@ -26,7 +27,7 @@ _REQUIRED = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
 
 def read_picks(path, threshold: float | None = None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Picks with score >= ``threshold``: (text table with RELION labels, x (n,), y (n,)) in file order."""
-    path = Path(path)
+    path = regular_file(path)
     star = read_star(path) if _looks_like_star(path) else _read_topaz_table(path)
     block = next((name for name, item in star.blocks.items()
                   if item.loop and all(label in item.data.columns for label in _REQUIRED)), None)
@@ -35,6 +36,11 @@ def read_picks(path, threshold: float | None = None) -> tuple[pd.DataFrame, np.n
     table = star[block]
     x = numeric_column(star, block, "rlnCoordinateX")
     y = numeric_column(star, block, "rlnCoordinateY")
+    not_finite = np.flatnonzero(~(np.isfinite(x) & np.isfinite(y)))
+    if not_finite.size:
+        row = int(not_finite[0])
+        raise InputError(path, f"row {row + 1}: coordinates x={table['rlnCoordinateX'].iloc[row]}, "
+                               f"y={table['rlnCoordinateY'].iloc[row]} are not finite numbers")
     if threshold is not None:
         if SCORE not in table.columns:
             raise UsageError(f"a score threshold was given but {path} has no score column")

@@ -122,8 +122,12 @@ def _complete_optics(star: StarFile, block: str, box: int, header_pixel_size: fl
             raise InputError(star.path, f"data_{block} has no _rlnOpticsGroup column but data_optics defines "
                              f"{len(optics)} groups")
         star = star.replace(block, star[block].assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0]))
-    if np.any(numeric_column(star, "optics", "rlnImagePixelSize") <= 0):
-        raise InputError(star.path, "data_optics: _rlnImagePixelSize must be positive")
+    pixel_sizes = numeric_column(star, "optics", "rlnImagePixelSize")
+    unusable = np.flatnonzero(~(np.isfinite(pixel_sizes) & (pixel_sizes > 0)))
+    if unusable.size:
+        row = int(unusable[0])
+        raise InputError(star.path, f"data_optics row {row + 1}: _rlnImagePixelSize "
+                         f"{optics['rlnImagePixelSize'].iloc[row]!r} is not a positive finite number")
     optics_rows(star, block)
     return star
 

@@ -21,6 +21,7 @@ from tvae_em.io.star import StarFile, new_relion31_star, particles_block, read_s
 
 __all__ = ["Particles", "open_particles", "relion_path", "write_stack"]
 _OPEN_FILES = 64  # stacks kept open at once
+_INDEX_DIGITS = 18  # image indices have at most this many digits (int64 holds every 18-digit number)
 
 
 class Particles:
@@ -143,6 +144,11 @@ def _parse_image_names(star: StarFile, block: str, names: pd.Series) -> tuple[np
         row = int(not_digits[0])
         raise InputError(star.path, f"data_{block} row {row + 1}: bad _rlnImageName {names.iloc[row]!r} "
                          "(expected index@stack)")
+    too_large = np.flatnonzero(index_text.str.lstrip("0").str.len().to_numpy() > _INDEX_DIGITS)
+    if too_large.size:
+        row = int(too_large[0])
+        raise InputError(star.path, f"data_{block} row {row + 1}: image index in {names.iloc[row]!r} is "
+                         "beyond any stack")
     index = index_text.astype(np.int64).to_numpy()
     zero = np.flatnonzero(index < 1)
     if zero.size:

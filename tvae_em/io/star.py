@@ -4,6 +4,13 @@ Every cell is kept as the text it had in the file, so writing a table back repro
 exactly (``starfile.write`` would reformat floats with '%.6f'); only columns we add or replace are
 formatted by us.  Column labels are stored without their leading underscore, as ``starfile`` does.
 
+Quoting follows STAR/CIF: a value may be wrapped in '...' or "...", and a quote character ends it only where
+whitespace or the end of the line follows, so "my "best" mic.mrc" is one value. The writer quotes what would
+otherwise read as something else (empty text, whitespace, a leading quote, '#' or '_', a reserved word) with
+whichever quote character the value lets close, so that every value it writes reads back unchanged; the only
+values it cannot write are those with a line break or control character (which STAR text cannot hold) or
+with both quote characters followed by whitespace.
+
 Loop bodies, which hold the millions of particle rows, are tokenised by pandas' C parser; the few header
 lines are parsed in Python so that garbage gets a one-line error naming the file and the line.
 """
@@ -16,21 +23,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tvae_em.errors import InputError
+from tvae_em.errors import InputError, TvaeError
 from tvae_em.io.atomic import atomic_path
+from tvae_em.io.files import regular_file
 
 RELION31_VERSION = 30001
 # A line that ends a loop body: a block header, a new loop, or a label.
 _STRUCTURE_RE = re.compile(rb"^[ \t]*(?:(?:data_\S*|loop_)[ \t]*\r?$|_\S)", re.M)
 _COMMENT_LINE_RE = re.compile(rb"^[ \t]*#[^\n]*", re.M)  # blanked, so line numbers stay right
 _VERSION_RE = re.compile(r"#\s*version\s+(\d+)")
-_WHITESPACE_RE = re.compile(r"\s")
+# Cells that must be quoted (see the module docstring), and cells that cannot be written.
+_NEEDS_QUOTES_RE = re.compile(r"""\s|^$|^["'_#]|^(?:data|loop|save|global|stop)_""")
+_UNWRITABLE_RE = re.compile(r"[\x00-\x08\x0a-\x1f]")  # line breaks and control characters; tab is fine
+# A special first character (or an empty cell) in cells joined by line breaks.
+_SPECIAL_START_RE = re.compile(r"""\n(?:[\n"'_#]|(?:data|loop|save|global|stop)_)""")
 _RAGGED_RE = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 # Control characters other than tab, newline and carriage return never occur in STAR text.
 _CONTROL_BYTES = bytes(code for code in range(32) if chr(code) not in "\t\n\r")
-# A STAR token: '...' or "..." (quotes removed, no escapes) or a bare word; a quote left open, or closed
-# inside a word, matches the last alternative and is refused.
-_TOKEN_RE = re.compile(r"""(?<!\S)(?:"([^"]*)"|'([^']*)'|([^\s"']\S*))(?!\S)|(\S+)""")
+# A STAR token: '...' or "..." (quotes removed; inside, a quote character not followed by whitespace is part of
+# the value) or a bare word; a quote left open, or closed inside a word, matches the last alternative and is
+# refused.
+_TOKEN_RE = re.compile(r"""(?<!\S)(?:"((?:[^"]|"(?=\S))*)"|'((?:[^']|'(?=\S))*)'|([^\s"']\S*))(?!\S)|(\S+)""")
 
 
 @dataclass
@@ -66,11 +79,9 @@ class StarFile:
 
 def read_star(path) -> StarFile:
     """Parse a STAR file, keeping every cell as text.  Raises InputError on anything malformed."""
-    path = Path(path)
+    path = regular_file(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
     except OSError as err:
         raise InputError(path, f"cannot read: {err.strerror}") from None
     if not raw.strip():
@@ -280,7 +291,10 @@ def write_star(path, star: StarFile, new_columns: pd.DataFrame | None = None, bl
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
         for item in star.blocks.values():
             out.write(f"\n# version {version}\n\ndata_{item.name}\n\n")
-            _write_block(out, item)
+            try:
+                _write_block(out, item)
+            except _Unwritable as err:
+                raise TvaeError(f"{path}: cannot write {err.value!r} in data_{item.name}: {err.reason}") from None
 
 
 def _write_block(out, block: StarBlock, rows_per_write: int = 100_000):
@@ -301,15 +315,34 @@ def _write_block(out, block: StarBlock, rows_per_write: int = 100_000):
 
 
 def _quoted(column: pd.Series) -> np.ndarray:
-    """Cells as STAR tokens (object array): text with whitespace, or empty, wrapped in double quotes.
+    """Cells as STAR tokens (object array), quoted where needed (module docstring); raises _Unwritable.
 
-    One scan of the joined column rules out the common case (no such cell) without a per-cell regex.
+    Whole-column scans rule out the common case (no cell needs care) without a per-cell regex: no whitespace or
+    control character (all of them are unprintable, except the space) and no special first character.
     """
     text = column.astype(str).to_numpy(dtype=object)
-    if not _WHITESPACE_RE.search("".join(text)) and not (text == "").any():
+    joined = "".join(text)
+    if joined.isprintable() and " " not in joined and not _SPECIAL_START_RE.search("\n" + "\n".join(text) + "\n"):
         return text
-    needs_quotes = np.array([not cell or bool(_WHITESPACE_RE.search(cell)) for cell in text], dtype=bool)
-    return np.where(needs_quotes, '"' + text + '"', text)
+    return np.array([_token(cell) for cell in text], dtype=object)
+
+
+class _Unwritable(Exception):
+    def __init__(self, value: str, reason: str):
+        super().__init__(reason)
+        self.value, self.reason = value, reason
+
+
+def _token(cell: str) -> str:
+    """One cell as a STAR token that ``_tokens`` reads back as ``cell``."""
+    if _UNWRITABLE_RE.search(cell):
+        raise _Unwritable(cell, "STAR text cannot hold line breaks or control characters")
+    if not _NEEDS_QUOTES_RE.search(cell):
+        return cell
+    for quote in "\"'":
+        if not re.search(quote + r"\s", cell):
+            return quote + cell + quote
+    raise _Unwritable(cell, "both quote characters are followed by whitespace in it, so no quoting can hold it")
 
 
 def numeric_column(star: StarFile, block: str, label: str) -> np.ndarray:

@@ -50,6 +50,36 @@ class ModelConfig:
             self.encoder_kernel = max(3, round(self.image_size * 28 / 50) // 2 * 2 + 1)
         if self.encoder_padding is None:
             self.encoder_padding = round(self.image_size * 8 / 50)
+        self._validate()
+
+    # smallest value of each whole-number field; positive real fields (None allowed for the optional ones)
+    _COUNTS = {"image_size": 2, "rotations": 1, "z_dim": 1, "encoder_fields": 1, "encoder_kernel": 1,
+               "encoder_padding": 0, "generator_width": 1, "generator_depth": 1, "fourier_features": 0}
+    _POSITIVE = ("fourier_scale", "translation_prior_std", "rotation_prior_std", "shift_prior_std", "temperature")
+    _OPTIONAL_POSITIVE = ("gaussian_std", "theta_prior_std")
+
+    def _validate(self) -> None:
+        """ValueError naming the first field out of range: configurations come from the command line and from
+        checkpoints, and a bad value would otherwise fail deep inside escnn or torch, or train a model that
+        cannot be used (z_dim 0)."""
+        for name, smallest in self._COUNTS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+                raise ValueError(f"{name} must be a whole number >= {smallest}, not {value!r}")
+        for name in self._POSITIVE + self._OPTIONAL_POSITIVE:
+            value = getattr(self, name)
+            if value is None and name in self._OPTIONAL_POSITIVE:
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+        for name, choices in (("likelihood", LIKELIHOODS), ("rotation_prior", ("uniform", "normal"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if not isinstance(self.subpixel, bool):
+            raise ValueError(f"subpixel must be true or false, not {self.subpixel!r}")
+        if self.image_size + 2 * self.encoder_padding < self.encoder_kernel:
+            raise ValueError(f"encoder_kernel {self.encoder_kernel} is larger than the {self.image_size} px images "
+                             f"with encoder_padding {self.encoder_padding} on each side")
 
     def priors(self) -> posterior.Priors:
         return posterior.Priors(
