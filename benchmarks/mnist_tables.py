@@ -35,6 +35,7 @@ import torch
 
 from tvae_em.checkpoint import load_model
 from tvae_em.io.atomic import atomic_path
+from tvae_em.io.stack import ArrayParticles
 from tvae_em.metrics import (
     cluster,
     clustering_accuracy,
@@ -85,41 +86,28 @@ class Budget:
     generator_width: int
     generator_depth: int
     fourier_features: int
-    fourier_scale: float
+    fourier_scale: float  # cycles per pixel
     epochs: int
-    lr: float
-    early_stop: int = 20
-    batch_size: int = 100
+    recipe: str = "default"  # TrainConfig.preset: tvae-em's recipe or the paper's
+
+    def train_config(self, **changes) -> TrainConfig:
+        return TrainConfig.preset(self.recipe, epochs=self.epochs, **changes)
 
 
 BUDGETS = {
     "tiny": Budget(n_train=100, n_test=100, fields=2, kernel=17, padding=4, generator_width=16,
-                   generator_depth=1, fourier_features=8, fourier_scale=0.08, epochs=1, lr=1e-3),
+                   generator_depth=1, fourier_features=8, fourier_scale=0.08, epochs=1),
     # cpu: the original code's small model (kernel 33, 128 Fourier features) with 16 instead of 32 fields, a
     # generator of 2 layers (the paper's depth; the original small model has 3) and padding 4, so that the
     # 26 x 26 translation cells reach +-12.5 px (2.5 standard deviations of the digits' shifts) rather than
-    # +-16.5 px: 42 % fewer cells. Batches of 32 (the paper: 100) give ~3x more optimiser steps for the same
-    # arithmetic. 8 epochs: the whole grid is meant to finish in under 2 h on 2 cores (benchmarks/RESULTS.md).
-    # lr 2e-3: at 1e-3 the P8 MNIST(U) rotation frame was often still forming after 8 epochs (r 0.54 and 0.72
-    # for seeds 0 and 1; at 2e-3 0.75, 0.80 and 0.69 for seeds 0-2).
+    # +-16.5 px: 42 % fewer cells. 8 epochs of tvae-em's default recipe (batches of 32, Adam 2e-3, coarse to
+    # fine): the whole grid is meant to finish in under 2 h on 2 cores (benchmarks/RESULTS.md).
     "cpu": Budget(n_train=3000, n_test=1000, fields=16, kernel=33, padding=4, generator_width=256,
-                  generator_depth=2, fourier_features=128, fourier_scale=0.08, epochs=8, lr=2e-3, batch_size=32),
+                  generator_depth=2, fourier_features=128, fourier_scale=0.08, epochs=8),
+    # gpu: the paper's model and recipe (section 4.1)
     "gpu": Budget(n_train=60000, n_test=10000, fields=128, kernel=28, padding=8, generator_width=512,
-                  generator_depth=2, fourier_features=1024, fourier_scale=0.12, epochs=500, lr=2e-4),
+                  generator_depth=2, fourier_features=1024, fourier_scale=0.12, epochs=500, recipe="paper"),
 }
-
-
-class ArrayParticles:
-    """In-memory particle source for ``tvae_em.train.train``: ``len()`` and ``read(indices)``."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = np.ascontiguousarray(images, dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def read(self, indices) -> np.ndarray:
-        return self.images[np.asarray(indices)]
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -171,9 +159,9 @@ def spatial_config(budget: Budget, variant: str) -> ModelConfig:
     return config
 
 
-def train_target(config: ModelConfig, budget: Budget, images: np.ndarray, run_dir: Path, progress: bool):
-    train_config = TrainConfig(batch_size=budget.batch_size, epochs=budget.epochs, lr=budget.lr,
-                               early_stop=budget.early_stop, num_workers=0, progress=progress)
+def train_target(config: ModelConfig, budget: Budget, images: np.ndarray, run_dir: Path, progress: bool,
+                 seed: int = 0):
+    train_config = budget.train_config(num_workers=0, progress=progress, seed=seed)
     resume = (run_dir / "checkpoint_last.pt").exists()  # continue a run that was interrupted
     result = train(config, train_config, ArrayParticles(images), run_dir, resume=resume)
     model, _ = load_model(run_dir)
@@ -181,13 +169,15 @@ def train_target(config: ModelConfig, budget: Budget, images: np.ndarray, run_di
     return model, result.epochs
 
 
-def train_baseline(name: str, budget: Budget, images: np.ndarray, target_params: int, progress: bool):
+def train_baseline(name: str, budget: Budget, images: np.ndarray, target_params: int, progress: bool,
+                   seed: int = 0):
     hidden = hidden_for_parameters(SIZE, 4, target_params)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = MLPVAE(SIZE, z_dim=4, hidden=hidden, beta=4.0 if name == "beta-vae" else 1.0)
     report = (lambda e, elbo: print(f"{name} epoch {e}: training ELBO {elbo:.2f}", file=sys.stderr)) \
         if progress else None
-    fit(model, torch.from_numpy(images), budget.epochs, budget.lr, budget.batch_size, progress=report)
+    recipe = budget.train_config()
+    fit(model, torch.from_numpy(images), recipe.epochs, recipe.lr, recipe.batch_size, progress=report)
     return model, budget.epochs
 
 
@@ -241,16 +231,17 @@ def grid(args) -> list[Cell]:
     return cells
 
 
-def run_cell(cell: Cell, budget: Budget, data: dict, cell_dir: Path, progress: bool) -> dict:
+def run_cell(cell: Cell, budget: Budget, data: dict, cell_dir: Path, progress: bool, seed: int = 0) -> dict:
     images = data[cell.variant]["train"]
     start = time.perf_counter()
     if cell.kind in ("target", "spatial"):
         config = (target_config(budget, cell.rotations, cell.z_dim, cell.variant) if cell.kind == "target"
                   else spatial_config(budget, cell.variant))
-        model, epochs = train_target(config, budget, images, cell_dir / "run", progress)
+        model, epochs = train_target(config, budget, images, cell_dir / "run", progress, seed)
     else:
         reference = target_config(budget, 8, 2, cell.variant)
-        model, epochs = train_baseline(cell.kind, budget, images, count_parameters(TargetVAE(reference)), progress)
+        model, epochs = train_baseline(cell.kind, budget, images, count_parameters(TargetVAE(reference)), progress,
+                                       seed)
     seconds = time.perf_counter() - start
     result = {**asdict(cell), "params": count_parameters(model), "epochs": epochs,
               "n_train": len(images), "train_seconds": round(seconds, 1),
@@ -320,6 +311,12 @@ def table2(results: dict) -> list[str]:
     return lines
 
 
+def _recipe(budget: Budget) -> str:
+    config = budget.train_config()
+    return (f"`{budget.recipe}` (batches of {config.batch_size}, Adam {config.lr:g}, coarse to fine over "
+            f"{config.coarse_to_fine:g} of {config.epochs} epochs)")
+
+
 def report(results: dict, budget_name: str, source: str, wall_seconds: float | None) -> str:
     """The RESULTS.md section; ``wall_seconds`` is None when this invocation trained nothing."""
     budget = BUDGETS[budget_name]
@@ -327,7 +324,7 @@ def report(results: dict, budget_name: str, source: str, wall_seconds: float | N
     train_total = sum(r["train_seconds"] for r in results.values())
     invocation = "" if wall_seconds is None else f"; this invocation: {wall_seconds / 60:.1f} min"
     head = [
-        f"Preset `{budget_name}`: {asdict(budget)}.",
+        f"Preset `{budget_name}`: {asdict(budget)}; training recipe: {_recipe(budget)}.",
         f"Data: {source}; 50 x 50 canvas, shifts N(0, 5^2) px, rotations N(0, pi^2/16) (N) or U(0, 2 pi) (U); "
         f"train() holds 10 % of the training digits out for early stopping.",
         f"Machine: {'; '.join(machines) or machine()}. Training wall time of the {len(results)} cells listed: "
@@ -343,11 +340,11 @@ def report(results: dict, budget_name: str, source: str, wall_seconds: float | N
                       *table2(results), ""])
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) the '## Paper tables (MNIST)' section of a markdown file, keeping the others."""
+def write_section(path: Path, body: str, section: str = SECTION) -> None:
+    """Replace (or append) a '## ...' section of a markdown file (this script's by default), keeping the others."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == section), None)
     if start is None:
         kept_before, kept_after = lines, []
     else:
@@ -355,7 +352,7 @@ def write_section(path: Path, body: str) -> None:
         kept_before, kept_after = lines[:start], lines[end:]
     while kept_before and not kept_before[-1].strip():
         kept_before.pop()
-    new = [*kept_before, "", SECTION, "", *body.rstrip().splitlines(), ""]
+    new = [*kept_before, "", section, "", *body.rstrip().splitlines(), ""]
     if kept_after:
         new += ["", *kept_after]
     with atomic_path(path) as tmp:
@@ -379,6 +376,9 @@ def parse_args(argv):
     parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out" / "mnist_tables")
     parser.add_argument("--rerun", action="store_true", help="retrain cells that were already scored")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (initialisation, split, data order); seeds other than 0 keep their "
+                             "cells in --workdir/<budget>_seed<S>")
     parser.add_argument("--results", type=Path, nargs="?", const=DEFAULT_RESULTS, default=None,
                         help=f"also write the tables into this file's '{SECTION}' section "
                              f"(default {DEFAULT_RESULTS.name})")
@@ -392,7 +392,7 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     start = time.perf_counter()
     budget = BUDGETS[args.budget]
-    budget_dir = args.workdir / args.budget
+    budget_dir = args.workdir / (args.budget if args.seed == 0 else f"{args.budget}_seed{args.seed}")
     digits, source = load_digits(args.data, budget)
     data = {variant: make_variant(digits, variant) for variant in args.variants}
     for cell in [] if args.report_only else grid(args):
@@ -403,7 +403,7 @@ def main(argv=None) -> str:
             continue
         if not args.quiet:
             print(f"--- {cell.name}", file=sys.stderr)
-        result = run_cell(cell, budget, data, cell_dir, progress=not args.quiet)
+        result = run_cell(cell, budget, data, cell_dir, progress=not args.quiet, seed=args.seed)
         if not args.quiet:
             print(json.dumps(result), file=sys.stderr)
     wall_seconds = None if args.report_only else time.perf_counter() - start

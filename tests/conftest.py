@@ -1,8 +1,24 @@
-"""Shared fixtures: small MRC stacks written with mrcfile, independent of the code under test."""
+"""Shared fixtures: small MRC stacks written with mrcfile, independent of the code under test, and the real
+MNIST test digits of the workplace."""
+
+from pathlib import Path
 
 import mrcfile
 import numpy as np
 import pytest
+
+from tvae_em.simulate import has_mnist
+
+# ../shared/data/mnist beside the repository (.ci/run says loudly when it is missing)
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """The folder of the real MNIST t10k digits; the test is skipped, with the path in the reason, without it."""
+    if not has_mnist(SHARED_MNIST, "t10k"):
+        pytest.skip(f"MNIST t10k digits not found in {SHARED_MNIST}")
+    return SHARED_MNIST
 
 
 @pytest.fixture

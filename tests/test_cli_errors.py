@@ -26,7 +26,7 @@ import torch
 from tvae_em import checkpoint, infer, render
 from tvae_em.cli import main
 from tvae_em.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE
-from tvae_em.io.stack import write_stack
+from tvae_em.io.stack import ArrayParticles, write_stack
 from tvae_em.io.star import read_star
 from tvae_em.model import ModelConfig
 from tvae_em.train import TrainConfig, train
@@ -84,19 +84,6 @@ def run_main(argv, capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exited:
         main(argv)
     return exited.value.code, capsys.readouterr().err
-
-
-class ArrayParticles:
-    """In-memory particle source for training: len() and read(indices)."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def read(self, indices):
-        return self.images[indices]
 
 
 @pytest.fixture(scope="module")
@@ -503,6 +490,19 @@ for option, value, problem in [  # issue 16, case 7: refused before anything is 
     CASES.append(pytest.param(train_with(option, value), EXIT_USAGE, (problem,), id=f"train {option} {value}"))
 
 
+@case(EXIT_USAGE, "--ctf on: the particles carry no defocus values (_rlnDefocusU)")
+def ctf_asked_for_without_defocus_values(folder):  # issue 13
+    return train_command("particles.star", "--ctf", "on")
+
+
+@case(EXIT_DATA, "bad.star: no _rlnDefocusAngle column for the CTF")
+def ctf_from_defocus_without_its_angle(folder):  # issue 13: --ctf auto finds rlnDefocusU and needs the rest
+    labels = (*PARTICLE_LABELS, "rlnDefocusU", "rlnDefocusV")
+    write("bad.star", star_text([f"{i:06d}@a.mrcs 1 mic1.mrc 15000 14000" for i in range(1, N_IMAGES + 1)],
+                                labels))
+    return train_command("bad.star")
+
+
 @case(EXIT_USAGE, "rendering 10,000,000,000 images of 16 px needs about", "render fewer latents or a smaller")
 def render_a_huge_grid(folder):  # issue 16, case 7
     return ["render", "run", "-o", "rend", "--grid", "100000", "--device", "cpu"]
@@ -747,6 +747,15 @@ def test_process_exit_status_and_debug_traceback(project):
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "InputError: bad.star" in debug.stderr
     assert snapshot(project) == before
+
+
+def test_warnings_are_one_line_without_source_locations(project):
+    """An untrained model's poses are uncertain: embed says so in one 'warning:' line, as the user reads it."""
+    done = run_process(["embed", "run", "particles.star", "-o", "embedded.star", "--device", "cpu"], project)
+    assert done.returncode == 0
+    warned = [line for line in message_lines(done.stderr) if line.startswith("warning:")]
+    assert len(warned) == 1 and "most poses are uncertain" in warned[0]
+    assert ".py:" not in done.stderr and "UserWarning" not in done.stderr
 
 
 def test_full_disk_while_preprocessing(project):

@@ -3,11 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import pytest
-
-from tvae_em.simulate import has_mnist
-
-MNIST = Path("/work/shared/data/mnist")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_tables.py"
 
 
@@ -23,12 +18,11 @@ def _row(markdown: str, prefix: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-@pytest.mark.skipif(not has_mnist(MNIST, "t10k"), reason="MNIST t10k digits not available")
-def test_tiny_cell_and_baseline_write_both_tables(tmp_path, capsys):
+def test_tiny_cell_and_baseline_write_both_tables(tmp_path, capsys, mnist_dir):
     bench = _load_benchmark()
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Other section\n\nkeep me\n")
-    args = ["--data", str(MNIST), "--budget", "tiny", "--groups", "4", "--z-dims", "2", "--variants", "U",
+    args = ["--data", str(mnist_dir), "--budget", "tiny", "--groups", "4", "--z-dims", "2", "--variants", "U",
             "--baselines", "vae", "--workdir", str(tmp_path / "work"), "--results", str(results), "--quiet"]
     text = bench.main(args)
     assert text in capsys.readouterr().out

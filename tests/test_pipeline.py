@@ -1,11 +1,13 @@
-"""The cryo-EM pipeline end to end through the command line, on simulated particles with known truth:
-preprocess -> train -> embed / pose -> render, then the written poses must align the particles."""
+"""The cryo-EM pipeline end to end through the command line, on simulated particles seen through a CTF, with
+known truth: preprocess -> train (the default recipe, which models the CTF, and a small model) -> embed / pose ->
+render. Training must find the poses and the classes (so that CI catches a recipe that stops learning), and the
+written poses must align the particles."""
 
 import numpy as np
 import pytest
 import torch
 
-from tvae_em import simulate
+from tvae_em import ctf, demo, infer, simulate
 from tvae_em.checkpoint import load_model
 from tvae_em.cli import main
 from tvae_em.io.mrc import read_mrc_header
@@ -15,10 +17,12 @@ from tvae_em.io.star import numeric_column, particles_block, read_star
 from tvae_em.poses import align_image, model_to_relion
 from tvae_em.preprocess import background_mask
 
+pytestmark = pytest.mark.slow  # one training of about half a minute on 2 cores, shared by the module
+
 BOX = 32
-TRAIN_OPTIONS = ["--rotations", "8", "--z-dim", "2", "--encoder-fields", "12", "--generator-width", "96",
-                 "--generator-depth", "2", "--fourier-features", "64", "--fourier-scale", "2.0",
-                 "--translation-prior-std", "2", "--batch-size", "50", "--lr", "2e-3", "--device", "cpu"]
+SMALL_MODEL = ["--rotations", "8", "--z-dim", "2", "--encoder-fields", "12", "--generator-width", "96",
+               "--generator-depth", "2", "--fourier-features", "64", "--fourier-scale", "0.0625",
+               "--translation-prior-std", "2", "--device", "cpu"]
 
 
 def tvae(*args):
@@ -29,17 +33,31 @@ def tvae(*args):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Two objects, clean enough to learn in a few CPU epochs, through every command."""
+    """One object in two conformations (as in the demo) at SNR 2, defocus 1-2.5 um, through every command;
+    training takes the defaults apart from the model size."""
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("pipeline")
-    sim = simulate.write_particles(out / "sim", 400, n_objects=2, snr=8.0, seed=1, box=BOX, shift_std_px=2.0)
+    sim = simulate.write_particles(out / "sim", 500, n_objects=2, objects="conformations", snr=2.0, seed=1,
+                                   box=BOX, shift_std_px=2.0, apix=8.0, defocus_um=(1.0, 2.5))
     tvae("preprocess", sim, "-o", out / "prep")
     prep = out / "prep" / "particles.star"
-    tvae("train", prep, "-o", out / "run", "--epochs", 8, *TRAIN_OPTIONS)
+    tvae("train", prep, "-o", out / "run", *SMALL_MODEL)
     tvae("embed", out / "run", prep, "-o", out / "embedded.star", "--clusters", 2, "--device", "cpu")
     tvae("pose", out / "run", prep, "-o", out / "posed.star", "--device", "cpu")
     tvae("render", out / "run", "-o", out / "render", "--grid", 3, "--device", "cpu")
     return out, sim, prep
+
+
+def test_default_recipe_finds_the_poses_and_the_classes(pipeline):
+    out, _, _ = pipeline
+    assert load_model(out / "run")[1].ctf == "full"  # --ctf auto: the STAR has defocus values
+    scores = demo.truth_scores(out / "embedded.star", out / "posed.star")
+    assert scores["rotation"] >= 0.85, scores
+    assert min(scores["translation_x"], scores["translation_y"]) >= 0.9, scores
+    assert scores["accuracy"] >= 0.9, scores
+    posed = read_star(out / "posed.star")
+    confidence = numeric_column(posed, particles_block(posed), infer.CONFIDENCE_COLUMN)
+    assert np.mean(confidence < infer.CONFIDENT_MASS) < 0.1  # a trained model is sure of most poses
 
 
 def test_every_output_exists_parses_and_keeps_the_input_columns(pipeline):
@@ -65,13 +83,15 @@ def test_every_output_exists_parses_and_keeps_the_input_columns(pipeline):
 
 def test_written_poses_align_the_particles(pipeline):
     """RELION's alignment with the written psi/origin brings each particle into the model's frame: it then
-    matches its object's canonical projection (seen through the same model) better than the raw particle."""
+    matches its object's canonical projection (seen through the particle's CTF and the same model) better than
+    the raw particle."""
     out, sim, prep = pipeline
     particles = open_particles(prep)
     canonical = open_particles(simulate.canonical_star_path(sim))
     raw = open_particles(sim)
     index = np.arange(len(particles))
-    images, clean, noisy = particles.read(index), canonical.read(index), raw.read(index)
+    images, noisy = particles.read(index), raw.read(index)
+    clean = ctf.through_ctf(canonical.read(index), particles.ctf)
     # the canonical projections, scaled as preprocess scaled their noisy twins, posed by the model
     outside = background_mask(BOX)
     mean = noisy[:, outside].mean(1)[:, None, None]

@@ -6,9 +6,6 @@ import pytest
 from tvae_em import simulate
 from tvae_em.errors import InputError, UsageError
 
-MNIST_DIR = "/work/shared/data/mnist"
-
-
 # ------------------------------------------------------------------------------------------ render_pose
 
 
@@ -50,8 +47,8 @@ def test_render_pose_accepts_one_canonical_per_pose_and_checks_shapes():
 
 
 @pytest.fixture(scope="module")
-def mnist_t10k():
-    return simulate.load_mnist(MNIST_DIR)
+def mnist_t10k(mnist_dir):
+    return simulate.load_mnist(mnist_dir)
 
 
 def test_load_mnist_reads_the_test_digits(mnist_t10k):
@@ -267,12 +264,12 @@ def _read_back(star_path):
         return images, columns, particles
 
 
-def test_written_mnist_variant_reads_back_with_its_truth(tmp_path):
-    star = simulate.write_mnist_variant(MNIST_DIR, tmp_path, "U", n=12, seed=3, split="test", n_holdout=100)
+def test_written_mnist_variant_reads_back_with_its_truth(tmp_path, mnist_dir):
+    star = simulate.write_mnist_variant(mnist_dir, tmp_path, "U", n=12, seed=3, split="test", n_holdout=100)
     assert star == tmp_path / "mnist_U_test.star"
     images, truth, particles = _read_back(star)
     assert particles.box == 50 and particles.pixel_size == 1.0
-    test_images, test_labels = simulate.load_mnist(MNIST_DIR)
+    test_images, test_labels = simulate.load_mnist(mnist_dir)
     expected = simulate.make_mnist_variant(test_images[-100:][:12], test_labels[-100:][:12], "U", seed=[3, 1])
     np.testing.assert_allclose(images, expected["images"], atol=1e-6)
     np.testing.assert_array_equal(truth["tvaeTrueClass"], test_labels[-100:][:12])
@@ -311,9 +308,9 @@ def test_written_truth_recentres_the_particles_the_relion_way(tmp_path):
     assert np.abs(images - clean).std() > 0.05  # the stored particles carry the noise
 
 
-def test_writers_reject_bad_counts(tmp_path):
+def test_writers_reject_bad_counts(tmp_path, mnist_dir):
     with pytest.raises(UsageError):
-        simulate.write_mnist_variant(MNIST_DIR, tmp_path, "N", n=20_000)
+        simulate.write_mnist_variant(mnist_dir, tmp_path, "N", n=20_000)
     with pytest.raises(UsageError):
         simulate.write_particles(tmp_path, 0)
     assert not list(tmp_path.iterdir())

@@ -20,9 +20,8 @@ from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.model import encoder as encoder_module
 from tvae_em.model import generator as generator_module
 from tvae_em.model.generator import FourierLinear, SpatialGenerator
-from tvae_em.simulate import has_mnist, load_mnist, make_mnist_variant
+from tvae_em.simulate import load_mnist, make_mnist_variant
 
-MNIST_DIR = Path("/work/shared/data/mnist")
 SMALL = dict(image_size=28, rotations=8, encoder_fields=4, encoder_kernel=15, encoder_padding=4, generator_width=32,
              fourier_features=64, fourier_scale=0.2)
 
@@ -37,11 +36,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits(mnist_dir):
     """32 real MNIST(U) digits, 28 x 28, in [0, 1]."""
-    if not has_mnist(MNIST_DIR, "t10k"):
-        pytest.skip(f"MNIST test digits not found in {MNIST_DIR}")
-    images, labels = load_mnist(MNIST_DIR)
+    images, labels = load_mnist(mnist_dir)
     data = make_mnist_variant(images[:32], labels[:32], "U", size=28, seed=0, shift_std_px=2.0)
     return torch.from_numpy(np.asarray(data["images"], np.float32)).clamp(0, 1)
 

@@ -24,6 +24,7 @@ from tvae_em import checkpoint as ckpt
 from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
 from tvae_em.interrupt import Stop, stop_on_signals
 from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model.vae import COARSEST_CYCLES
 from tvae_em.train import (
     LOG_COLUMNS,
     Interrupted,
@@ -119,7 +120,7 @@ def test_log_has_one_row_per_epoch_with_consistent_terms(finished_run):
         assert all(math.isfinite(v) for v in values.values())
         kl = values["kl_tr"] + values["kl_theta"] + values["kl_z"] + values["kl_shift"]
         assert values["train_elbo"] == pytest.approx(values["reconstruction"] - kl, rel=1e-5)
-        assert values["lr"] == 2e-4 and values["seconds"] > 0 and 0 <= values["data_wait"] < 1
+        assert values["lr"] == TrainConfig().lr and values["seconds"] > 0 and 0 <= values["data_wait"] < 1
     assert result.epochs == 2 and result.stop_reason == "max_epochs"
     assert result.metrics["epoch"] == 2 and result.best_metrics["epoch"] == result.best_epoch
     assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,9 +151,9 @@ def test_checkpoint_holds_everything_needed_to_continue(finished_run):
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert state["model_config"] == ModelConfig(**MODEL).to_dict()
     assert state["train_config"] == tiny_train_config().to_dict()
-    assert state["optimizer_state"]["param_groups"][0]["lr"] == 2e-4
+    assert state["optimizer_state"]["param_groups"][0]["lr"] == TrainConfig().lr
     assert len(state["optimizer_state"]["state"]) == len(list(TargetVAE(ModelConfig(**MODEL)).parameters()))
-    assert state["scheduler_state"]["patience"] == 10 and state["scheduler_state"]["factor"] == 0.5
+    assert state["scheduler_state"]["patience"] == 10 - 1 and state["scheduler_state"]["factor"] == 0.5  # see train.py
     assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert state["n_particles"] == N_PARTICLES
     best = ckpt.read_checkpoint(result.best_checkpoint)
@@ -169,17 +170,19 @@ def test_load_model_returns_the_best_weights_ready_for_inference(finished_run):
     assert estimate.z_mu.shape == (3, 2) and torch.isfinite(estimate.theta).all()
 
 
-def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path, finished_run):
-    uninterrupted, _, _ = finished_run
-    config = ModelConfig(**MODEL)
-    train(config, tiny_train_config(epochs=1), ArrayParticles(blobs()), tmp_path)
+def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path):
+    # without coarse-to-fine, whose band follows the epochs first planned (see the band test below)
+    config, particles = ModelConfig(**MODEL), ArrayParticles(blobs())
+    uninterrupted = tmp_path / "uninterrupted"
+    train(config, tiny_train_config(epochs=2, coarse_to_fine=0.0), particles, uninterrupted)
+    train(config, tiny_train_config(epochs=1, coarse_to_fine=0.0), particles, tmp_path / "resumed")
     # resume may change epochs and num_workers (here: read through a worker process) without changing results
-    result = train(None, tiny_train_config(epochs=2, num_workers=1), ArrayParticles(blobs()), tmp_path,
-                   resume=True)
+    result = train(None, tiny_train_config(epochs=2, coarse_to_fine=0.0, num_workers=1), particles,
+                   tmp_path / "resumed", resume=True)
     assert result.epochs == 2
-    assert_same_parameters(ckpt.read_checkpoint(tmp_path / ckpt.LAST)["model_state"],
+    assert_same_parameters(ckpt.read_checkpoint(tmp_path / "resumed" / ckpt.LAST)["model_state"],
                            ckpt.read_checkpoint(uninterrupted / ckpt.LAST)["model_state"])
-    resumed_log, full_log = read_log(tmp_path), read_log(uninterrupted)
+    resumed_log, full_log = read_log(tmp_path / "resumed"), read_log(uninterrupted)
     for column in ("train_elbo", "val_elbo", "kl_tr", "lr"):
         assert [r[column] for r in resumed_log] == [r[column] for r in full_log]
 
@@ -228,12 +231,28 @@ def test_damaged_or_foreign_checkpoints_are_refused_naming_the_file(tmp_path, fi
         ckpt.load_model(tmp_path / "nothing")
 
 
+def test_checkpoints_of_format_1_are_read_as_the_same_model(tmp_path, finished_run):
+    """Format 1 stated fourier_scale per unit of the generator's frame and had no Fourier feature gains."""
+    _, result, _ = finished_run
+    state = ckpt.read_checkpoint(result.best_checkpoint)
+    per_unit = state["model_config"]["fourier_scale"] * MODEL["image_size"] / 2
+    old_config = {**state["model_config"], "fourier_scale": per_unit}
+    old_state = {k: v for k, v in state["model_state"].items() if k != "band_fraction"}
+    old = tmp_path / "format1.pt"
+    torch.save({**state, "format_version": 1, "model_config": old_config, "model_state": old_state}, old)
+    model, config = ckpt.load_model(old)
+    current, current_config = ckpt.load_model(result.best_checkpoint)
+    assert config == current_config
+    z = torch.zeros(2, MODEL.get("z_dim", 2))
+    assert torch.equal(model.decode(z), current.decode(z))
+
+
 def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     elbo = TargetVAE.elbo
     training_calls = []
 
-    def poisoned_elbo(self, images, generator=None):
-        terms = elbo(self, images, generator)
+    def poisoned_elbo(self, images, generator=None, transfer=None):
+        terms = elbo(self, images, generator, transfer)
         if torch.is_grad_enabled():
             training_calls.append(1)
             if len(training_calls) == 6:  # epoch 2, batch 2 (4 training batches per epoch)
@@ -287,12 +306,67 @@ def test_train_from_an_mrcs_stack_takes_the_box_as_image_size(tmp_path, make_sta
 def test_plateau_halves_the_learning_rate_then_stops_early(tmp_path, monkeypatch):
     # a validation loss that never improves after epoch 1
     monkeypatch.setattr(_Trainer, "_validate", lambda self, epoch: {"elbo": -100.0})
-    config = tiny_train_config(epochs=50, patience_lr=0, early_stop=2)
+    config = tiny_train_config(epochs=50, patience_lr=1, early_stop=2, lr=2e-4)
     result = train(ModelConfig(**MODEL), config, ArrayParticles(blobs()), tmp_path)
     assert (result.epochs, result.best_epoch, result.stop_reason) == (3, 1, "early_stop")
     assert [float(row["lr"]) for row in read_log(tmp_path)] == [2e-4, 2e-4, 1e-4]
     # an early-stopped run stays stopped when resumed
     assert train(None, config, ArrayParticles(blobs()), tmp_path, resume=True).epochs == 3
+
+
+def test_learning_rate_halves_after_exactly_patience_lr_flat_epochs(tmp_path, monkeypatch):
+    """The paper halves after 10 epochs without improvement; ReduceLROnPlateau's own patience counts one more."""
+    monkeypatch.setattr(_Trainer, "_validate", lambda self, epoch: {"elbo": -100.0})
+    config = tiny_train_config(epochs=6, patience_lr=3, early_stop=10, lr=1e-3)
+    train(ModelConfig(**MODEL), config, ArrayParticles(blobs()), tmp_path)
+    # epoch 1 is the best; epochs 2-4 are the three flat ones; epoch 5 starts at half the rate
+    assert [float(row["lr"]) for row in read_log(tmp_path)] == [1e-3] * 4 + [5e-4] * 2
+
+
+def test_presets_are_the_default_recipe_and_the_papers():
+    assert TrainConfig.preset("default") == TrainConfig()
+    paper = TrainConfig.preset("paper", seed=3)
+    assert (paper.batch_size, paper.epochs, paper.lr, paper.coarse_to_fine, paper.seed) == (100, 500, 2e-4, 0.0, 3)
+    assert (paper.patience_lr, paper.lr_factor, paper.early_stop) == (10, 0.5, 20)
+    with pytest.raises(UsageError, match="unknown training preset"):
+        TrainConfig.preset("fast")
+
+
+def test_generator_band_opens_coarse_to_fine_over_the_planned_epochs(tmp_path, monkeypatch):
+    """Every step sets the band from the epochs done; it is fully open from half of the first plan on, also
+    when a resumed run extends the plan."""
+    fractions = []
+    original = TargetVAE.open_band
+    monkeypatch.setattr(TargetVAE, "open_band", lambda self, f: (fractions.append(f), original(self, f))[1])
+    particles = ArrayParticles(blobs())
+    train(ModelConfig(**MODEL), tiny_train_config(epochs=2, coarse_to_fine=0.5), particles, tmp_path)
+    steps = -(-30 // 8)  # 30 training particles in batches of 8
+    assert fractions == pytest.approx([(e + b / steps) / 1.0 for e in range(2) for b in range(steps)])
+    assert ckpt.read_checkpoint(tmp_path / ckpt.LAST)["model_state"]["band_fraction"] == 1  # open in epoch 2
+    fractions.clear()
+    train(None, tiny_train_config(epochs=3, coarse_to_fine=0.5), particles, tmp_path, resume=True)
+    assert min(fractions) >= 2.0  # measured against the first plan's 1 band epoch, not 1.5
+
+
+def test_a_closed_band_hides_high_frequencies_from_both_generator_and_encoder():
+    torch.manual_seed(0)
+    model = TargetVAE(ModelConfig(**{**MODEL, "fourier_features": 256})).eval()
+    size = MODEL["image_size"]
+    frequency = model.generator.fourier_b.norm(dim=0) / (size / 2)
+    high = torch.cat([frequency, frequency]) > COARSEST_CYCLES / size  # columns of the coordinate layer
+    z = torch.randn(2, 2)
+    rows = torch.arange(size, dtype=torch.float32)[:, None]
+    image = torch.randn(1, size, size)
+    checker = torch.cos(math.pi * (rows + rows.T))[None]  # 0.5 cycles per pixel
+    model.open_band(0.0)
+    before, encoded = model.decode(z), model.encode(image)
+    with torch.no_grad():
+        model.generator.coord_layer.weight[:, high] += 1.0
+    assert torch.equal(model.decode(z), before)  # the features above the band are not used
+    assert torch.allclose(model.encode(image + checker).z_mu, encoded.z_mu, atol=1e-5)  # nor seen
+    model.open_band(1.0)
+    assert not torch.allclose(model.decode(z), before)
+    assert not torch.allclose(model.encode(image + checker).z_mu, model.encode(image).z_mu, atol=1e-5)
 
 
 # --- signals and torchrun, in real processes ---------------------------------------------------------------
@@ -423,8 +497,8 @@ def _train_in_child(run_dir, epochs: int, delay_s: float, env: dict, threads: in
     os.environ.update(env)
     torch.set_num_threads(threads)  # the parent's: results are bit-identical only with the same reductions
     try:
-        train(ModelConfig(**MODEL), tiny_train_config(epochs=epochs), ArrayParticles(blobs(), delay_s),
-              run_dir)
+        train(ModelConfig(**MODEL), tiny_train_config(epochs=epochs, coarse_to_fine=1 / epochs),
+              ArrayParticles(blobs(), delay_s), run_dir)
     except TvaeError as exc:
         sys.exit(exc.exit_code)
 
@@ -447,8 +521,11 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert process.exitcode == -signal.SIGKILL
     assert ckpt.read_checkpoint(killed / ckpt.LAST)["epoch"] in (1, 2)
     config = ModelConfig(**MODEL)
-    resumed = train(config, tiny_train_config(epochs=3), ArrayParticles(blobs()), killed, resume=True)
-    full = train(config, tiny_train_config(epochs=3), ArrayParticles(blobs()), tmp_path / "full")
+    # the band opens over the first epoch in both: 1/50 of the killed run's plan, 1/3 of the full run's
+    resumed = train(config, tiny_train_config(epochs=3, coarse_to_fine=1 / 50), ArrayParticles(blobs()), killed,
+                    resume=True)
+    full = train(config, tiny_train_config(epochs=3, coarse_to_fine=1 / 3), ArrayParticles(blobs()),
+                 tmp_path / "full")
     assert resumed.epochs == full.epochs == 3
     assert_same_parameters(ckpt.read_checkpoint(resumed.last_checkpoint)["model_state"],
                            ckpt.read_checkpoint(full.last_checkpoint)["model_state"])

@@ -3,7 +3,8 @@ of a run folder.
 
 A checkpoint is a ``torch.save`` dict holding plain tensors, numbers, strings, lists and dicts only, so it is
 read with ``weights_only=True`` (a checkpoint received from someone else cannot run code on load). Every
-checkpoint carries ``format_version``: a reader refuses any other version instead of misreading the layout.
+checkpoint carries ``format_version``: a reader upgrades the older formats it knows (``_UPGRADES``) and refuses
+any other version instead of misreading the layout.
 """
 
 import io
@@ -20,7 +21,7 @@ from tvae_em.io.files import regular_file
 from tvae_em.memory import check_fits, model_bytes
 from tvae_em.model import ModelConfig, TargetVAE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # The files of a run folder (tvae_em.train describes them); LOCK is held while a training process writes the run.
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
@@ -92,15 +93,33 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise InputError(path, problem) from None
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise InputError(path, "not a tvae-em checkpoint (no format_version)")
-    if checkpoint["format_version"] != FORMAT_VERSION:
-        raise InputError(path, f"checkpoint format {checkpoint['format_version']} (written by tvae-em "
-                               f"{checkpoint.get('version', '?')}) cannot be read by tvae-em {__version__}, "
-                               f"which reads format {FORMAT_VERSION}")
+    version = checkpoint["format_version"]
+    if version != FORMAT_VERSION and version not in _UPGRADES:
+        raise InputError(path, f"checkpoint format {version} (written by tvae-em {checkpoint.get('version', '?')}) "
+                               f"cannot be read by tvae-em {__version__}, which reads formats "
+                               f"{', '.join(map(str, sorted([*_UPGRADES, FORMAT_VERSION])))}")
     missing = [key for key in REQUIRED_FIELDS if key not in checkpoint]
     if missing:
         raise InputError(path, f"incomplete checkpoint, missing {', '.join(missing)}")
     check_field_types(checkpoint, REQUIRED_FIELDS, path)
+    if version in _UPGRADES:
+        _UPGRADES[version](checkpoint)
     return checkpoint
+
+
+def _upgrade_from_1(checkpoint: dict) -> None:
+    """Format 1 (tvae-em before coarse-to-fine training) stated ``fourier_scale`` per unit of the generator's frame,
+    image_size / 2 pixels, and had no band (all frequencies always let through)."""
+    config, state = checkpoint["model_config"], checkpoint["model_state"]
+    scale, size = config.get("fourier_scale"), config.get("image_size")
+    if all(isinstance(value, int | float) and not isinstance(value, bool) for value in (scale, size)):
+        config["fourier_scale"] = scale / (size / 2)
+    if isinstance(state, dict):
+        state.setdefault("band_fraction", torch.tensor(1.0))
+    checkpoint["format_version"] = FORMAT_VERSION
+
+
+_UPGRADES = {1: _upgrade_from_1}  # format -> function bringing a checkpoint of that format to FORMAT_VERSION
 
 
 def check_field_types(checkpoint: dict, types: dict, path) -> None:

@@ -6,6 +6,7 @@ instead.
 """
 
 import sys
+import warnings
 
 import click
 
@@ -64,13 +65,16 @@ def cli(ctx, debug):
               show_default=True,
               help="Zero mean, unit std outside a circular mask, per particle or stack-wide.")
 @click.option("--mask", is_flag=True, help="Apply a soft circular mask.")
+@click.option("--phase-flip", is_flag=True,
+              help="Multiply each image by the sign of its CTF (from the STAR's defocus values), the cheap CTF "
+                   "correction; recorded as rlnCtfDataArePhaseFlipped, so that 'train --ctf auto' models |CTF|.")
 @click.option("--picks", type=click.Path(dir_okay=False),
               help="Topaz picks (tab-separated table or STAR) to extract boxes from micrographs.")
 @click.option("--micrographs", help="Glob of the micrograph MRC files the picks refer to, e.g. 'mics/*.mrc'.")
 @click.option("--box", "extract_box", type=int, help="Box size (pixels) to extract around each pick.")
 @click.option("--threshold", type=float, help="Keep only picks with score at or above this value.")
 @_DATADIR
-def preprocess(star, out_dir, box, invert, normalize, mask, picks, micrographs, extract_box, threshold,
+def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, micrographs, extract_box, threshold,
                datadir):
     """Prepare particles for training: one float32 stack plus a RELION 3.1 STAR.
 
@@ -88,10 +92,12 @@ def preprocess(star, out_dir, box, invert, normalize, mask, picks, micrographs, 
     if picks:
         if star or not micrographs or not extract_box:
             raise UsageError("--picks needs --micrographs and --box, and no particle STAR argument")
+        if phase_flip:
+            raise UsageError("--phase-flip needs defocus values, which Topaz picks do not carry")
         path = prep.preprocess_picks(picks, micrographs, extract_box, out_dir, threshold=threshold,
                                      downsample=box, **options)
     elif star:
-        path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, **options)
+        path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip, **options)
     else:
         raise UsageError("give a particle STAR/MRCS file, or --picks with --micrographs and --box")
     click.echo(f"wrote {path}", err=True)
@@ -106,7 +112,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, picks, micrographs, 
 @click.option("--rotations", default=8, show_default=True, help="Discrete rotations r of the P_r group.")
 @click.option("--z-dim", default=2, show_default=True, help="Dimension of the semantic latent z.")
 @click.option("--encoder-fields", default=128, show_default=True, help="Regular fields of the encoder.")
-@click.option("--encoder-kernel", type=int, help="First-layer kernel (default 28/50 of the box; make it "
+@click.option("--encoder-kernel", type=int, help="First-layer kernel (default 0.65 of the box, odd; it must be "
                                                  "larger than the particle).")
 @click.option("--encoder-padding", type=int, help="First-layer padding (default 8/50 of the box).")
 @click.option("--generator-width", default=512, show_default=True, help="Units per generator layer.")
@@ -114,19 +120,34 @@ def preprocess(star, out_dir, box, invert, normalize, mask, picks, micrographs, 
               help="Generator layers (paper: 6 for cryo-EM).")
 @click.option("--fourier-features", default=1024, show_default=True,
               help="Random Fourier features of the coordinates (0: plain coordinates).")
-@click.option("--fourier-scale", default=3.0, show_default=True, help="Std of the Fourier frequencies.")
+@click.option("--fourier-scale", type=float,
+              help="Std of the generator's random Fourier frequencies, in cycles per pixel (default 0.12).")
 @click.option("--likelihood", type=click.Choice(["gaussian", "bernoulli"]), default="gaussian",
               show_default=True, help="gaussian for cryo-EM (real-valued), bernoulli for binary images.")
 @click.option("--rotation-prior", type=click.Choice(["uniform", "normal"]), default="uniform",
               show_default=True, help="p(r): uniform, or discretised N(0, (pi/4)^2) around 0.")
 @click.option("--translation-prior-std", default=5.0, show_default=True, help="Std of p(t) in pixels.")
+@click.option("--ctf", type=click.Choice(["auto", "on", "none"]), default="auto", show_default=True,
+              help="Multiply each posed generator image by the particle's CTF (from rlnDefocusU/V, "
+                   "rlnDefocusAngle and the optics values) before comparing it with the image. auto: when the "
+                   "STAR has defocus values (|CTF| for images phase flipped by 'preprocess --phase-flip'); on: "
+                   "the same, but a STAR without them is an error; none: never.")
 @click.option("--subpixel", is_flag=True, help="Add a continuous translation offset per cell (beyond the "
                                                "paper: sub-pixel shifts).")
-@click.option("--batch-size", default=100, show_default=True)
-@click.option("--epochs", default=500, show_default=True, help="Maximum epochs (early stop after 20 "
-                                                               "without improvement).")
-@click.option("--lr", default=2e-4, show_default=True, help="Adam learning rate (halved after 10 epochs "
-                                                            "without improvement).")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True,
+              help="Training recipe the options below default to. default: batches of 32, 20 epochs, Adam at "
+                   "2e-3, frequency band opened coarse to fine over half of them (measured in "
+                   "benchmarks/RESULTS.md). paper: batches of 100, up to 500 epochs, 2e-4, all frequencies "
+                   "from the start (section 4.1).")
+@click.option("--batch-size", type=int, help="Particles per optimiser step (default 32; paper 100).")
+@click.option("--epochs", type=int, help="Maximum epochs (default 20; paper 500); training stops early after "
+                                         "20 without improvement.")
+@click.option("--lr", type=float, help="Adam learning rate (default 2e-3; paper 2e-4), halved after 10 epochs "
+                                       "without improvement.")
+@click.option("--coarse-to-fine", type=float,
+              help="Fraction of the epochs over which the frequency band of the generator's features and of "
+                   "the encoder's input opens from coarse to fine (default 0.5; paper 0: all frequencies from "
+                   "the start).")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Random validation fraction (seeded).")
 @click.option("--seed", default=0, show_default=True)
 @_DEVICE
@@ -147,13 +168,16 @@ def train(star, run_dir, resume_dir, datadir, device, **options):
 
     if bool(run_dir) == bool(resume_dir):
         raise UsageError("give exactly one of -o RUN (new run) or --resume RUN")
-    train_config = training.TrainConfig(**{k: options.pop(k) for k in _TRAIN_KEYS}, device=device)
-    model_options = None if resume_dir else options
+    given = {key: options.pop(key) for key in _TRAIN_KEYS}
+    train_config = training.TrainConfig.preset(options.pop("preset"), device=device,
+                                               **{key: value for key, value in given.items() if value is not None})
+    ctf = options.pop("ctf")
+    model_options = None if resume_dir else {key: value for key, value in options.items() if value is not None}
     training.train_from_star(star, run_dir or resume_dir, train_config, model_options, datadir=datadir,
-                             resume=bool(resume_dir))
+                             resume=bool(resume_dir), ctf=ctf)
 
 
-_TRAIN_KEYS = ("batch_size", "epochs", "lr", "val_fraction", "seed", "amp")
+_TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp")
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -278,15 +302,16 @@ def _parse_points(text):
 
 @cli.command(context_settings=_SETTINGS)
 @click.option("-o", "--out", "out_dir", default="demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--particles", default=1000, show_default=True, help="Simulated particles.")
-@click.option("--epochs", default=12, show_default=True)
+@click.option("--particles", default=1500, show_default=True, help="Simulated particles.")
+@click.option("--epochs", default=20, show_default=True)
 @click.option("--snr", default=1.0, show_default=True, help="Signal-to-noise ratio of the simulated images.")
 @click.option("--seed", default=0, show_default=True)
 @_DEVICE
 def demo(out_dir, particles, epochs, snr, seed, device):
     """Simulate particles of three objects and run the whole pipeline on them (no download).
 
-    Writes OUT/sim (simulated stack + STAR with the true poses), OUT/prep, OUT/run, OUT/embedded.star,
+    The particles are seen through a CTF (defocus 1.0-2.5 um with astigmatism, in RELION's columns), which
+    training models. Writes OUT/sim (simulated stack + STAR with the true poses), OUT/prep, OUT/run, OUT/embedded.star,
     OUT/posed.star, OUT/render and plots; prints the rotation/translation correlation with the truth and the
     clustering accuracy.
 
@@ -304,6 +329,8 @@ def demo(out_dir, particles, epochs, snr, seed, device):
 def main(argv=None):
     """Entry point: run the CLI, turning user errors into one stderr line and an exit code."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    if not debug:  # a warning is one line for the user, not a Python source location
+        warnings.formatwarning = _one_line_warning
     try:
         with stop_on_signals():
             code = cli.main(args=argv, prog_name="tvae-em", standalone_mode=False)
@@ -328,6 +355,10 @@ def main(argv=None):
         click.echo(f"error: {stop.name} received: stopped, no partial output left behind", err=True)
         code = EXIT_INTERRUPTED
     sys.exit(code or 0)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 if __name__ == "__main__":

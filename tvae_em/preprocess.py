@@ -28,11 +28,12 @@ import pandas as pd
 from scipy import fft
 from tqdm import tqdm
 
+from tvae_em import ctf
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
 from tvae_em.io.mrc import StackWriter
 from tvae_em.io.picks import PickedBoxes, match_micrographs, read_picks
-from tvae_em.io.relion import DEFAULT_PIXEL_SIZE
+from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, PHASE_FLIPPED
 from tvae_em.io.stack import open_particles, relion_path
 from tvae_em.io.star import StarFile, format_values, new_relion31_star, numeric_column, write_star
 
@@ -83,6 +84,7 @@ class _Pipeline:
     normalize: str = "particle"
     invert: bool = False
     mask: bool = False
+    flip_ctf: np.ndarray | None = None  # every particle's CTF at the output pixel size, to phase flip by
     stack_mean: float = 0.0
     stack_std: float = 1.0
     _background: np.ndarray = field(init=False, repr=False)
@@ -93,8 +95,10 @@ class _Pipeline:
             raise UsageError(f"{self.out_box}x{self.out_box} px images have no pixel outside the particle circle "
                              "to normalise by; use larger images or --normalize none")
 
-    def shaped(self, images: np.ndarray) -> np.ndarray:
+    def shaped(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         images = fourier_crop(images, self.out_box)
+        if self.flip_ctf is not None:
+            images = ctf.phase_flip(images, self.flip_ctf[indices])
         return -images if self.invert else images
 
     def fit_stack(self, source, chunk_size: int) -> None:
@@ -102,7 +106,8 @@ class _Pipeline:
         sample = np.unique(np.linspace(0, len(source) - 1, min(len(source), STACK_STATS_SAMPLE)).astype(int))
         total = total_sq = count = 0.0
         for start in range(0, sample.size, chunk_size):
-            background = self.shaped(source.read(sample[start:start + chunk_size]))[:, self._background]
+            chunk = sample[start:start + chunk_size]
+            background = self.shaped(source.read(chunk), chunk)[:, self._background]
             total += background.sum(dtype=np.float64)
             total_sq += np.square(background, dtype=np.float64).sum()
             count += background.size
@@ -110,8 +115,8 @@ class _Pipeline:
         std = np.sqrt(max(total_sq / count - self.stack_mean ** 2, 0.0))
         self.stack_std = std if std > 0 else 1.0
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = self.shaped(images)
+    def __call__(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        images = self.shaped(images, indices)
         if self.normalize == "particle":
             background = images[:, self._background]
             mean = background.mean(axis=1, dtype=np.float64)
@@ -151,7 +156,7 @@ def _stream(source, pipeline: _Pipeline, stack_path: Path, pixel_size: float, ch
             tqdm(total=len(source), unit="img", desc="preprocess", file=sys.stderr) as bar:
         for start in range(0, len(source), chunk_size):
             indices = np.arange(start, min(start + chunk_size, len(source)))
-            writer.write(pipeline(source.read(indices)))
+            writer.write(pipeline(source.read(indices), indices))
             bar.update(indices.size)
 
 
@@ -161,23 +166,40 @@ def _image_names(count: int, stack_path: Path) -> list[str]:
 
 
 def preprocess_star(star_path, out_dir, box: int | None = None, normalize: str = "particle",
-                    invert: bool = False, mask: bool = False, datadir=None, chunk_size: int = 1024) -> Path:
-    """Preprocess the particles of a RELION STAR file (or a plain MRCS stack); returns the new STAR path."""
+                    invert: bool = False, mask: bool = False, datadir=None, chunk_size: int = 1024,
+                    phase_flip: bool = False) -> Path:
+    """Preprocess the particles of a RELION STAR file (or a plain MRCS stack); returns the new STAR path.
+
+    ``phase_flip``: multiply each image by the sign of its CTF (after cropping, at the new pixel size), which
+    the output's optics record as ``rlnCtfDataArePhaseFlipped`` 1; the particles must carry defocus values and
+    not be flipped already."""
     _check_options(normalize, chunk_size)
     particles = open_particles(star_path, datadir)
     out_box = _target_box(particles.box, box)
     star_out, stack_out = _output_paths(out_dir, [star_path, *particles.stack_paths])
-    pipeline = _Pipeline(out_box, normalize, invert, mask)
+    scale = particles.box / out_box
+    pipeline = _Pipeline(out_box, normalize, invert, mask, _flip_ctf(particles, scale) if phase_flip else None)
     if normalize == "stack":
         pipeline.fit_stack(particles, chunk_size)
-    scale = particles.box / out_box
     with atomic_paths(star_out, stack_out) as (star_tmp, stack_tmp):
         _stream(particles, pipeline, stack_tmp, float(particles.pixel_sizes[0]) * scale, chunk_size)
-        write_star(star_tmp, _restacked(particles.table, particles.block, stack_out, out_box, scale))
+        write_star(star_tmp, _restacked(particles.table, particles.block, stack_out, out_box, scale, phase_flip))
     return star_out
 
 
-def _restacked(table: StarFile, block: str, stack_path: Path, out_box: int, scale: float) -> StarFile:
+def _flip_ctf(particles, scale: float) -> np.ndarray:
+    """The particles' CTF parameters at the pixel size of the cropped images, for phase flipping."""
+    if particles.ctf is None:
+        raise UsageError("--phase-flip: the particles carry no defocus values (_rlnDefocusU)")
+    if particles.ctf_flipped:
+        raise UsageError(f"--phase-flip: the images are phase flipped already ({PHASE_FLIPPED} in data_optics)")
+    params = particles.ctf.copy()
+    params[:, -1] *= scale  # the pixel size is the last column
+    return params
+
+
+def _restacked(table: StarFile, block: str, stack_path: Path, out_box: int, scale: float,
+               phase_flipped: bool = False) -> StarFile:
     rows = table[block].copy()
     rows["tvaeSourceImageName"] = rows["rlnImageName"]
     rows["rlnImageName"] = _image_names(len(rows), stack_path)
@@ -186,6 +208,8 @@ def _restacked(table: StarFile, block: str, stack_path: Path, out_box: int, scal
         apix = numeric_column(table, "optics", "rlnImagePixelSize")
         optics["rlnImagePixelSize"] = format_values(apix * scale)
     optics["rlnImageSize"] = str(out_box)
+    if phase_flipped:
+        optics[PHASE_FLIPPED] = "1"
     return table.replace(block, rows).replace("optics", optics)
 
 

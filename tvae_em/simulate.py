@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tvae_em.ctf import through_ctf
 from tvae_em.errors import InputError, UsageError
+from tvae_em.io.relion import CTF_COLUMNS
 from tvae_em.io.stack import write_stack
 from tvae_em.io.star import new_relion31_star, write_star
 from tvae_em.poses import apply_pose, model_to_relion
@@ -317,7 +319,8 @@ def project_object(blobs, tilt_rad, box):
 
 
 def simulate_particles(
-    n, box=64, n_objects=3, snr=1.0, seed=0, apix=2.0, max_tilt_deg=30.0, shift_std_px=3.0, objects="shapes"
+    n, box=64, n_objects=3, snr=1.0, seed=0, apix=2.0, max_tilt_deg=30.0, shift_std_px=3.0, objects="shapes",
+    defocus_um=None, astigmatism_angst=600.0
 ):
     """Cryo-EM-like particle images with known object, view, in-plane rotation and shift.
 
@@ -328,8 +331,13 @@ def simulate_particles(
     the objects apart. The projection is then posed with theta ~ U(0, 2 pi) and a shift ~ N(0, shift_std_px^2) px per
     axis, and white Gaussian noise is added at ``snr`` = variance of the clean images / noise variance.
     The default snr of 1 is far cleaner than real data (~0.01-0.1) so the demo learns quickly; lower it to
-    test robustness. ``apix`` (Å/px) only labels the data. Returns the usual dict plus ``tilt_deg`` and
-    ``clean`` (the noise-free posed images); ``canonical`` is each particle's clean, unposed projection.
+    test robustness. ``apix`` (Å/px) labels the data and sets the CTF's frequencies. Returns the usual dict plus
+    ``tilt_deg`` and ``clean`` (the noise-free images); ``canonical`` is each particle's clean, unposed projection.
+
+    With ``defocus_um`` = (low, high), every image is seen through a CTF (``tvae_em.ctf``) before the noise is
+    added, as a micrograph records it: defocus U ~ U(low, high) um, V = U - U(0, ``astigmatism_angst``), the
+    astigmatism's angle ~ U(0, 180) deg, at the optics of ``OPTICS``; the SNR is then that of the CTF-modulated
+    images, and ``ctf`` holds each particle's parameters (``io.relion.ctf_parameters`` order).
     """
     if objects not in OBJECT_SETS:
         raise UsageError(f"unknown object set {objects!r}; expected one of {', '.join(OBJECT_SETS)}")
@@ -348,6 +356,10 @@ def simulate_particles(
     views = zip(labels, np.deg2rad(tilt_deg), strict=True)
     canonical = np.stack([project_object(blob_sets[k], tilt_rad, box) for k, tilt_rad in views])
     clean = render_pose(canonical, theta, t_model)
+    extra = {}
+    if defocus_um is not None:
+        extra["ctf"] = _draw_ctf(rng, n, defocus_um, astigmatism_angst, apix)
+        clean = through_ctf(clean, extra["ctf"])
     noise_std = np.sqrt(clean.var(axis=(1, 2)).mean() / snr)
     images = clean + rng.normal(0.0, noise_std, clean.shape).astype(np.float32)
     return {
@@ -359,12 +371,26 @@ def simulate_particles(
         "labels": labels,
         "tilt_deg": tilt_deg,
         "apix": apix,
+        **extra,
     }
+
+
+def _draw_ctf(rng, n, defocus_um, astigmatism_angst, apix):
+    """CTF parameters of n particles (``io.relion.CTF_COLUMNS`` order, then the pixel size)."""
+    low, high = defocus_um
+    if not 0 < low <= high:
+        raise UsageError(f"defocus range must be positive and increasing, not {defocus_um}")
+    defocus_u = rng.uniform(low, high, n) * 1e4
+    defocus_v = defocus_u - rng.uniform(0.0, astigmatism_angst, n)
+    by_label = {"rlnDefocusU": defocus_u, "rlnDefocusV": defocus_v, "rlnDefocusAngle": rng.uniform(0, 180, n),
+                **{label: np.full(n, value) for label, value in OPTICS.items()}}
+    columns = [by_label.get(label, np.full(n, default)) for _, label, default in CTF_COLUMNS]
+    return np.stack([*columns, np.full(n, float(apix))], axis=1)
 
 
 # -------------------------------------------------------------------------------------------- writing
 
-OPTICS = {  # a typical 300 kV microscope; the data carry no CTF, so refine them with CTF correction off
+OPTICS = {  # a typical 300 kV microscope; without defocus_um the data carry no CTF (refine with CTF correction off)
     "rlnVoltage": 300.0,
     "rlnSphericalAberration": 2.7,
     "rlnAmplitudeContrast": 0.1,
@@ -400,6 +426,7 @@ def write_simulated(out_dir, stem, data, apix):
     star_path = Path(out_dir) / f"{stem}.star"
     n = len(data["labels"])
     unposed = {**data, "images": data["canonical"], "theta": np.zeros(n), "t_model": np.zeros((n, 2))}
+    unposed.pop("ctf", None)  # the canonical projections are the objects themselves, seen through no CTF
     _write_relion(canonical_star_path(star_path), unposed, apix)
     _write_relion(star_path, data, apix)
     return star_path
@@ -425,6 +452,9 @@ def _write_relion(star_path, data, apix):
             "rlnOpticsGroup": np.ones(n, dtype=np.int64),
         }
     )
+    if "ctf" in data:  # the particle-level CTF values, as CTFFIND / RELION write them
+        for column, (_, label, _) in enumerate(CTF_COLUMNS[:3]):
+            particles[label] = data["ctf"][:, column]
     particles = pd.concat([particles, truth_columns(data, apix)], axis=1)
     write_star(star_path, new_relion31_star(optics, particles))
 

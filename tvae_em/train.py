@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tvae_em import checkpoint as ckpt
+from tvae_em.ctf import transfer as ctf_transfer
 from tvae_em.device import AMP_MODES, bf16_autocast, bf16_autocast_enabled, resolve_device
 from tvae_em.errors import InputError, Interrupted, TvaeError, UsageError
 from tvae_em.interrupt import STOP_SIGNALS, Stop, deferred_signals, stop_on_signals
@@ -92,14 +93,21 @@ class TrainingDiverged(TvaeError):
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; the defaults are the paper's recipe."""
+    """Optimisation settings. The defaults are tvae-em's recipe, measured to find poses and classes within a few
+    epochs on every seed tried (benchmarks/RESULTS.md, "Training that learns"): Adam at 2e-3 on batches of 32,
+    with the frequency band of the generator and of the encoder's input opened coarse to fine over the first
+    half of the epochs (``TargetVAE.open_band``). ``preset("paper")`` is
+    the paper's (section 4.1): 2e-4, batches of 100, up to 500 epochs, all frequencies from the start. Both halve
+    the learning rate after ``patience_lr`` epochs without improvement and stop after ``early_stop``.
+    """
 
-    batch_size: int = 100
-    epochs: int = 500  # maximum; early stopping usually ends the run before
-    lr: float = 2e-4
+    batch_size: int = 32
+    epochs: int = 20  # maximum; early stopping may end the run before
+    lr: float = 2e-3
+    coarse_to_fine: float = 0.5  # fraction of the epochs over which the frequency band opens; 0: all at once
     val_fraction: float = 0.1
     seed: int = 0
-    patience_lr: int = 10  # epochs without improvement before the learning rate is multiplied by lr_factor
+    patience_lr: int = 10  # epochs without improvement after which the learning rate is multiplied by lr_factor
     lr_factor: float = 0.5
     early_stop: int = 20  # epochs without improvement before training stops
     device: str = "auto"  # 'auto' (first CUDA GPU, else CPU), 'cpu', 'cuda', 'cuda:1', ...
@@ -116,7 +124,8 @@ class TrainConfig:
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.lr > 0, "lr must be positive"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-            (self.patience_lr >= 0 and self.early_stop >= 1, "patience_lr must be >= 0 and early_stop >= 1"),
+            (self.patience_lr >= 1 and self.early_stop >= 1, "patience_lr and early_stop must be at least 1"),
+            (0 <= self.coarse_to_fine <= 1, "coarse_to_fine must be in [0, 1]"),
             (0 < self.lr_factor < 1, "lr_factor must be in (0, 1)"),
             (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
@@ -127,6 +136,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> "TrainConfig":
+        """The named recipe ('default' or 'paper') with ``changes`` on top."""
+        if name not in PRESETS:
+            raise UsageError(f"unknown training preset {name!r}; expected one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
+
+
+CTF_REQUESTS = ("auto", "on", "none")
+PRESETS = {"default": {}, "paper": {"batch_size": 100, "epochs": 500, "lr": 2e-4, "coarse_to_fine": 0.0}}
 
 
 @dataclass
@@ -174,12 +194,13 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
 
 
 def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options: dict | None = None,
-                    datadir=None, resume: bool = False) -> TrainResult:
+                    datadir=None, resume: bool = False, ctf: str = "auto") -> TrainResult:
     """``train`` on the particles of a RELION/Topaz STAR file; the model's image size is the particle box.
 
-    ``model_options`` are ModelConfig fields other than ``image_size``; when resuming without them the run's
-    stored configuration is used. UsageError for options out of range, or for a run folder whose files
-    would replace the STAR file or one of its stacks.
+    ``model_options`` are ModelConfig fields other than ``image_size`` and ``ctf``, which ``ctf_mode`` sets from
+    the ``ctf`` request and the particles; when resuming without them the run's stored configuration is used.
+    UsageError for options out of range, or for a run folder whose files would replace the STAR file or one of
+    its stacks.
     """
     # imported here: train() itself works on any particle source, only this entry point reads STAR/MRCS
     from tvae_em.io.stack import open_particles
@@ -190,7 +211,8 @@ def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options
         model_config = None
     else:
         try:
-            model_config = ModelConfig(image_size=particles.box, **(model_options or {}))
+            model_config = ModelConfig(image_size=particles.box, ctf=ctf_mode(ctf, particles),
+                                       **(model_options or {}))
         except (TypeError, ValueError) as err:
             raise UsageError(f"invalid model configuration: {err}") from None
     return train(model_config, train_config, particles, run_dir, resume=resume)
@@ -253,11 +275,15 @@ class _Trainer:
         rank_batch, activation_bytes = -(-config.batch_size // group.world), 2 if self.amp else FLOAT_BYTES
         check_fits(model_bytes(model_config, rank_batch, training=True, activation_bytes=activation_bytes),
                    device, f"training this model on batches of {rank_batch} particles", _SMALLER_MODEL)
+        self.ctf = _particle_ctf(particles, model_config)
         self.model = ckpt.build_model(model_config, seed=_seed(config.seed, _INIT)).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        # threshold 0: any decrease counts as an improvement, as for early stopping
+        # threshold 0: any decrease counts as an improvement, as for early stopping; the scheduler acts when its
+        # count of bad epochs exceeds ``patience``, so patience_lr - 1 halves after exactly patience_lr of them
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=config.lr_factor, patience=config.patience_lr, threshold=0.0)
+            self.optimizer, mode="min", factor=config.lr_factor, patience=config.patience_lr - 1, threshold=0.0)
+        # the band opens over the epochs planned when the run started, whatever a resumed run's new total
+        self.band_epochs = config.coarse_to_fine * config.epochs
         self.epoch, self.best_epoch, self.bad_epochs = 0, 0, 0
         self.best_loss, self.stop_reason, self.history = math.inf, None, []
         if checkpoint is not None:
@@ -302,6 +328,7 @@ class _Trainer:
             ckpt.restore_rng_state(checkpoint["rng"])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
             raise InputError(path, f"malformed training state in checkpoint ({ckpt.first_line(exc)})") from None
+        self.band_epochs = float(checkpoint.get("band_epochs", 0.0))  # runs from before coarse-to-fine: none
         self.epoch, self.best_epoch = checkpoint["epoch"], checkpoint["best_epoch"]
         self.bad_epochs, self.best_loss = checkpoint["bad_epochs"], checkpoint["best_loss"]
         self.stop_reason, self.history = checkpoint["stop_reason"], checkpoint["history"]
@@ -313,6 +340,7 @@ class _Trainer:
             "scheduler_state": self.scheduler.state_dict(), "epoch": self.epoch,
             "best_epoch": self.best_epoch, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs,
             "stop_reason": self.stop_reason, "history": self.history, "n_particles": len(self.particles),
+            "band_epochs": self.band_epochs,
             "rng": ckpt.capture_rng_state(),
         }
 
@@ -373,9 +401,11 @@ class _Trainer:
                 self._save(improved)
             if self.config.progress and self.writes:
                 val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
-                tqdm.write(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, lr {lr:.3g}, "
-                           f"{row['seconds']:.1f} s (waiting for data {100 * row['data_wait']:.0f} %)"
-                           f"{' (best)' if improved else ''}", file=sys.stderr)
+                # KL(q(t, r) || p(t, r)) near 0 says the attention has not left the prior: no poses learned yet
+                tqdm.write(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, "
+                           f"KL(t, r) {row['kl_tr']:.2f} nats, lr {lr:.3g}, {row['seconds']:.1f} s "
+                           f"(waiting for data {100 * row['data_wait']:.0f} %){' (best)' if improved else ''}",
+                           file=sys.stderr)
 
     def _train_epoch(self, epoch: int) -> tuple[dict, float]:
         """The epoch's training metrics and the seconds the loop spent waiting for the next batch of images."""
@@ -387,9 +417,11 @@ class _Trainer:
                    file=sys.stderr, disable=not (self.config.progress and self.writes))
         loader = _WaitClock(self._load(batches))
         with bar:
-            for batch, (indices, images) in enumerate(loader, start=1):
+            for batch, (indices, images, ctf) in enumerate(loader, start=1):
+                self._open_band(epoch - 1 + (batch - 1) / len(batches))
+                images, transfer = self._inputs(indices, images, ctf)
                 with self._autocast(), self._interruptible_backward():
-                    terms = self.elbo(self._to_device(indices, images), noise)
+                    terms = self.elbo(images, noise, transfer)
                 self.optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 grad_norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters()
@@ -417,9 +449,10 @@ class _Trainer:
         noise = _generator(self.device, self.config.seed, _VALIDATION, self.group.rank)
         totals = _Totals()
         self.model.eval()
-        for indices, images in self._load(batches[self.group.rank::self.group.world]):
+        for indices, images, ctf in self._load(batches[self.group.rank::self.group.world]):
+            images, transfer = self._inputs(indices, images, ctf)
             with self._autocast():
-                totals.add(self.model.elbo(self._to_device(indices, images), noise), len(indices))
+                totals.add(self.model.elbo(images, noise, transfer), len(indices))
         metrics = totals.reduce(self.group, self.device)
         if not math.isfinite(metrics["elbo"]):
             raise TrainingDiverged(f"training diverged: NaN or infinite validation ELBO after epoch {epoch}; "
@@ -443,18 +476,25 @@ class _Trainer:
 
     def _load(self, batches: list[np.ndarray]) -> DataLoader:
         workers = self.config.num_workers
-        return DataLoader(_BatchReader(self.particles, batches), batch_size=None, num_workers=workers,
+        return DataLoader(_BatchReader(self.particles, batches, self.ctf), batch_size=None, num_workers=workers,
                           pin_memory=self.device.type == "cuda",
                           worker_init_fn=_ignore_stop_signals if workers else None)
 
-    def _to_device(self, indices: torch.Tensor, images) -> torch.Tensor:
+    def _inputs(self, indices: torch.Tensor, images, ctf: torch.Tensor | None) -> tuple:
+        """The batch's images on the device and, for a model with a CTF, what multiplies their spectra."""
         if isinstance(images, _CarriedError):
             raise images.rebuild()
         _check_images(images, indices, self.model.config)
-        return images.to(self.device, non_blocking=True)
+        transfer = None if ctf is None else ctf_transfer(ctf.to(self.device), images.shape[-1],
+                                                         self.model.config.ctf)
+        return images.to(self.device, non_blocking=True), transfer
 
     def _autocast(self):
         return bf16_autocast(self.device, self.amp)
+
+    def _open_band(self, epochs_done: float) -> None:
+        """Coarse to fine: the generator's band opens linearly over ``band_epochs`` (``TargetVAE.open_band``)."""
+        self.model.open_band(epochs_done / self.band_epochs if self.band_epochs else 1.0)
 
     def _interruptible_backward(self):
         """``_interruptible_backward`` where it helps and is safe: a single process on the CPU. On GPUs the
@@ -542,21 +582,23 @@ class _Totals:
 
 
 class _BatchReader(Dataset):
-    """Item i: (indices, images) of batch i, read by ``particles.read``, so memory is bounded by a batch."""
+    """Item i: (indices, images, CTF parameters or None) of batch i, the images read by ``particles.read``, so
+    memory is bounded by a batch; ``ctf`` holds every particle's CTF parameters when the model applies a CTF."""
 
-    def __init__(self, particles, batches: list[np.ndarray]):
-        self.particles, self.batches = particles, batches
+    def __init__(self, particles, batches: list[np.ndarray], ctf: np.ndarray | None):
+        self.particles, self.batches, self.ctf = particles, batches, ctf
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int):
         indices = self.batches[i]
+        ctf = None if self.ctf is None else torch.from_numpy(self.ctf[indices])
         try:
             images = np.require(self.particles.read(indices), np.float32, ["C", "W"])  # torch wants writable
         except TvaeError as error:
-            return torch.from_numpy(indices), _CarriedError(error)
-        return torch.from_numpy(indices), torch.from_numpy(images)
+            return torch.from_numpy(indices), _CarriedError(error), ctf
+        return torch.from_numpy(indices), torch.from_numpy(images), ctf
 
 
 class _CarriedError:
@@ -584,8 +626,8 @@ class _ElboForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, generator):
-        return self.model.elbo(images, generator)
+    def forward(self, images, generator, transfer):
+        return self.model.elbo(images, generator, transfer)
 
 
 @dataclass
@@ -661,6 +703,38 @@ def _check_normalised(particles, indices: np.ndarray, config: ModelConfig) -> No
         raise TvaeError(f"the particle images are not normalised (pixel mean {mean:.3g}, std {std:.3g} in "
                         f"{len(sample)} particles, where training expects about 0 and 1): run 'tvae-em "
                         "preprocess' on them first")
+
+
+def _particle_ctf(particles, config: ModelConfig) -> np.ndarray | None:
+    """Every particle's CTF parameters when the model applies a CTF (None otherwise); UsageError when the
+    particles carry none, or when phase-flipped images would meet a model of the full CTF or the reverse."""
+    if config.ctf == "none":
+        return None
+    if particles.ctf is None:
+        raise UsageError("the model applies a CTF but the particles carry no defocus values (_rlnDefocusU)")
+    expected = "flipped" if particles.ctf_flipped else "full"
+    if config.ctf != expected:
+        raise UsageError(f"the model applies the {config.ctf} CTF but the images are "
+                         f"{'' if particles.ctf_flipped else 'not '}phase flipped")
+    return particles.ctf
+
+
+def ctf_mode(request: str, particles) -> str:
+    """``ModelConfig.ctf`` for a ``train --ctf`` request: 'auto' models the CTF when the particles carry defocus
+    values (its magnitude when their images were phase flipped), 'on' insists on it (UsageError without defocus
+    values), 'none' leaves it out (with a note on stderr when defocus values are there and the images are not
+    phase flipped: the latents will then follow defocus as well as structure)."""
+    if request not in CTF_REQUESTS:
+        raise UsageError(f"--ctf must be one of {', '.join(CTF_REQUESTS)}, not {request!r}")
+    if request == "on" and particles.ctf is None:
+        raise UsageError("--ctf on: the particles carry no defocus values (_rlnDefocusU)")
+    if request == "none" or particles.ctf is None:
+        if request == "none" and particles.ctf is not None and not particles.ctf_flipped:
+            tqdm.write("note: the particles carry defocus values but the CTF is neither modelled (--ctf none) nor "
+                       "corrected (preprocess --phase-flip): latents and clusters will follow defocus too",
+                       file=sys.stderr)
+        return "none"
+    return "flipped" if particles.ctf_flipped else "full"
 
 
 def _listing(indices: torch.Tensor, shown: int = 5) -> str:

@@ -158,3 +158,63 @@ def optics_rows(star: StarFile, block: str) -> np.ndarray:
 def particle_pixel_sizes(star: StarFile, block: str) -> np.ndarray:
     """Pixel size (Angstrom) of every particle, resolved through its optics group."""
     return numeric_column(star, "optics", "rlnImagePixelSize")[optics_rows(star, block)]
+
+
+# The CTF parameters of a particle (tvae_em.ctf), in the column order of ``ctf_parameters``' array, with the STAR
+# label each comes from and its value when the label is absent (None: required).
+CTF_COLUMNS = (
+    ("defocus_u", "rlnDefocusU", None),
+    ("defocus_v", "rlnDefocusV", None),
+    ("angle_deg", "rlnDefocusAngle", None),
+    ("voltage_kv", "rlnVoltage", None),
+    ("cs_mm", "rlnSphericalAberration", None),
+    ("amplitude_contrast", "rlnAmplitudeContrast", None),
+    ("phase_shift_deg", "rlnPhaseShift", 0.0),
+    ("bfactor", "rlnCtfBfactor", 0.0),
+    ("scale", "rlnCtfScalefactor", 1.0),
+)
+PHASE_FLIPPED = "rlnCtfDataArePhaseFlipped"  # RELION's optics flag for images multiplied by sign(CTF)
+
+
+def has_ctf(star: StarFile, block: str) -> bool:
+    """Whether the particles carry defocus values (the one column every CTF estimate writes)."""
+    return "rlnDefocusU" in star[block].columns
+
+
+def ctf_phase_flipped(star: StarFile, block: str) -> bool:
+    """Whether the images were multiplied by the sign of their CTF (RELION's optics flag, set by ``preprocess
+    --phase-flip``)."""
+    if PHASE_FLIPPED not in star["optics"].columns:
+        return False
+    return bool(np.any(numeric_column(star, "optics", PHASE_FLIPPED)[optics_rows(star, block)] != 0))
+
+
+def ctf_parameters(star: StarFile, block: str) -> np.ndarray:
+    """(n, len(CTF_COLUMNS) + 1) float64: every particle's CTF parameters (``CTF_COLUMNS`` order, from its row or
+    its optics group's) and its pixel size. InputError naming the STAR file and the missing column, or the first
+    particle whose values are not finite or out of range."""
+    rows = optics_rows(star, block)
+    columns = []
+    for _, label, default in CTF_COLUMNS:
+        if label in star[block].columns:
+            columns.append(numeric_column(star, block, label))
+        elif label in star["optics"].columns:
+            columns.append(numeric_column(star, "optics", label)[rows])
+        elif default is not None:
+            columns.append(np.full(len(rows), default))
+        else:
+            raise InputError(star.path, f"no _{label} column for the CTF of particles with defocus values "
+                                        "(add it, or train with --ctf none)")
+    params = np.stack([*columns, particle_pixel_sizes(star, block)], axis=1)
+    _check(params, star.path)
+    return params
+
+
+def _check(params: np.ndarray, path) -> None:
+    """Finite values, a positive voltage, Cs >= 0 and an amplitude contrast in [0, 1)."""
+    bad = ~np.isfinite(params).all(1)
+    bad |= (params[:, 3] <= 0) | (params[:, 4] < 0) | ~((params[:, 5] >= 0) & (params[:, 5] < 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        values = ", ".join(f"{label} {params[row, i]:g}" for i, (_, label, _) in enumerate(CTF_COLUMNS))
+        raise InputError(path, f"particle row {row + 1}: CTF values out of range ({values})")

@@ -7,6 +7,7 @@ as contiguous runs (``mrc.read_sections``), so a shuffled batch costs one small 
 sequential chunk one read per stack file, and memory holds the batch, never the stacks.
 """
 
+import functools
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -16,10 +17,10 @@ import pandas as pd
 
 from tvae_em.errors import InputError
 from tvae_em.io.mrc import MrcHeader, read_mrc_header, read_sections, warn_unstamped, write_stack
-from tvae_em.io.relion import particle_pixel_sizes, to_relion31
+from tvae_em.io.relion import ctf_parameters, ctf_phase_flipped, has_ctf, particle_pixel_sizes, to_relion31
 from tvae_em.io.star import StarFile, new_relion31_star, particles_block, read_star
 
-__all__ = ["Particles", "open_particles", "relion_path", "write_stack"]
+__all__ = ["ArrayParticles", "Particles", "open_particles", "relion_path", "write_stack"]
 _OPEN_FILES = 64  # stacks kept open at once
 _INDEX_DIGITS = 18  # image indices have at most this many digits (int64 holds every 18-digit number)
 
@@ -47,6 +48,17 @@ class Particles:
 
     def __getstate__(self):
         return {**self.__dict__, "_files": OrderedDict()}
+
+    @functools.cached_property
+    def ctf(self) -> np.ndarray | None:
+        """Every particle's CTF parameters and pixel size (``relion.ctf_parameters``); None without defocus
+        values. InputError naming the STAR file when a parameter the CTF needs is missing or out of range."""
+        return ctf_parameters(self.table, self.block) if has_ctf(self.table, self.block) else None
+
+    @property
+    def ctf_flipped(self) -> bool:
+        """Whether the images were multiplied by the sign of their CTF (``preprocess --phase-flip``)."""
+        return ctf_phase_flipped(self.table, self.block)
 
     @property
     def stack_paths(self) -> list[Path]:
@@ -93,6 +105,23 @@ class Particles:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ArrayParticles:
+    """Images held in memory, (n, N, N), served like ``Particles`` to training and inference (``len()``, ``box``,
+    ``read(indices)``, ``ctf``, ``ctf_flipped``): for tests, benchmarks and notebooks, without files. ``ctf``:
+    (n, len(relion.CTF_COLUMNS) + 1) parameters as ``relion.ctf_parameters`` gives them, or None."""
+
+    def __init__(self, images, ctf: np.ndarray | None = None, ctf_flipped: bool = False):
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.box = self.images.shape[-1]
+        self.ctf, self.ctf_flipped = ctf, ctf_flipped
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices) -> np.ndarray:
+        return self.images[np.asarray(indices)]
 
 
 def open_particles(path, datadir=None) -> Particles:

@@ -25,6 +25,7 @@ rad), and recomputed in the backward pass instead of being stored. ``fused = Fal
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CHUNK_VALUES = 1 << 21  # Fourier feature values (pixels x features) per chunk of FourierLinear on CPU
@@ -79,11 +80,16 @@ class SpatialGenerator(nn.Module):
         phase = (2 * math.pi) * (coords @ self.fourier_b)
         return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
-    def forward(self, coords: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, coords: torch.Tensor, z: torch.Tensor, feature_gain: torch.Tensor | None = None) -> torch.Tensor:
+        """``feature_gain`` (F,): a weight per Fourier feature (coarse-to-fine training lets the low frequencies
+        through first); it folds into the columns of the coordinate layer."""
+        weight, bias = self.coord_layer.weight, self.coord_layer.bias
+        if feature_gain is not None:
+            weight = weight * feature_gain.repeat(2)
         if self.fused and self.fourier_b is not None:
-            h = FourierLinear.apply(coords, self.fourier_b, self.coord_layer.weight, self.coord_layer.bias)
+            h = FourierLinear.apply(coords, self.fourier_b, weight, bias)
         else:
-            h = self.coord_layer(self.features(coords))
+            h = F.linear(self.features(coords), weight, bias)
         if self.z_layer is not None:
             h = h + self.z_layer(z).unsqueeze(1)
         # The activations work in place; a 2-D input makes every Linear output a whole tensor rather than a view
