@@ -9,6 +9,7 @@ import sys
 import warnings
 
 import click
+from click.core import ParameterSource
 
 from tvae_em import __version__
 from tvae_em.errors import EXIT_INTERRUPTED, TvaeError, UsageError
@@ -108,7 +109,10 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
 @click.option("-o", "--out", "run_dir", type=click.Path(file_okay=False),
               help="Run folder for checkpoints, log.csv and plots (required unless --resume).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the interrupted run in this folder from its last complete epoch.")
+              help="Continue the run in this folder from its last complete epoch, with every option it was "
+                   "started with. --epochs is then the new total (default: the run's), --device and --amp may "
+                   "change; any other option given with a value unlike the run's is refused, naming it, since "
+                   "it would change the model or the optimisation. A finished run is left as it is.")
 @click.option("--rotations", default=8, show_default=True, help="Discrete rotations r of the P_r group.")
 @click.option("--z-dim", default=2, show_default=True, help="Dimension of the semantic latent z.")
 @click.option("--encoder-fields", default=128, show_default=True, help="Regular fields of the encoder.")
@@ -140,8 +144,9 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
                    "benchmarks/RESULTS.md). paper: batches of 100, up to 500 epochs, 2e-4, all frequencies "
                    "from the start (section 4.1).")
 @click.option("--batch-size", type=int, help="Particles per optimiser step (default 32; paper 100).")
-@click.option("--epochs", type=int, help="Maximum epochs (default 20; paper 500); training stops early after "
-                                         "20 without improvement.")
+@click.option("--epochs", type=int, help="Maximum epochs (default 20; paper 500; with --resume the new total, "
+                                         "default the run's); training stops early after 20 without "
+                                         "improvement.")
 @click.option("--lr", type=float, help="Adam learning rate (default 2e-3; paper 2e-4), halved after 10 epochs "
                                        "without improvement.")
 @click.option("--coarse-to-fine", type=float,
@@ -153,31 +158,43 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
 @_DEVICE
 @_AMP
 @_DATADIR
-def train(star, run_dir, resume_dir, datadir, device, **options):
+@click.pass_context
+def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
     """Train TARGET-VAE on preprocessed particles.
 
     Reads a particle STAR (or .mrcs); writes RUN/checkpoint_last.pt, checkpoint_best.pt, log.csv,
-    learning_curve.png and split.npz. Interrupt with Ctrl-C and continue with --resume.
+    learning_curve.png and split.npz. Interrupt with Ctrl-C and continue with --resume, which takes every
+    option from the run.
 
     \b
     Example:
       tvae-em train prep/particles.star -o run/ --z-dim 2 --epochs 100
       tvae-em train prep/particles.star --resume run/
+      tvae-em train prep/particles.star --resume run/ --epochs 40
     """
     from tvae_em import train as training
 
     if bool(run_dir) == bool(resume_dir):
         raise UsageError("give exactly one of -o RUN (new run) or --resume RUN")
+    if resume_dir:
+        requested = {key: value for key, value in options.items() if _given(ctx, key)}
+        training.resume_from_star(star, resume_dir, {**requested, "device": device}, datadir=datadir)
+        return
     given = {key: options.pop(key) for key in _TRAIN_KEYS}
     train_config = training.TrainConfig.preset(options.pop("preset"), device=device,
                                                **{key: value for key, value in given.items() if value is not None})
     ctf = options.pop("ctf")
-    model_options = None if resume_dir else {key: value for key, value in options.items() if value is not None}
-    training.train_from_star(star, run_dir or resume_dir, train_config, model_options, datadir=datadir,
-                             resume=bool(resume_dir), ctf=ctf)
+    model_options = {key: value for key, value in options.items() if value is not None}
+    training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf)
 
 
 _TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp")
+
+
+def _given(ctx, name: str) -> bool:
+    """Whether option ``name`` was given (on the command line or through the environment), not left at its
+    default: on resume only those are compared with the run's."""
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
 @cli.command(context_settings=_SETTINGS)
