@@ -25,6 +25,9 @@ _DATADIR = click.option("--datadir", type=click.Path(file_okay=False),
 _AMP = click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
                     help="bfloat16 autocast: 'auto' on CUDA GPUs and CPUs with AMX-BF16 units, 'bf16' always, "
                          "'off' for float32 throughout.")
+_CLASS_NUMBER_HELP = ("With --clusters, the clusters also go to rlnClassNumber, which RELION's subset selection "
+                      "reads; an input that has its own rlnClassNumber (an earlier classification) keeps it unless "
+                      "'replace'. A note says which.")
 _SHARD = click.option("--shard", metavar="I/N",
                        help="Process only shard I of N (0-based), a contiguous block of rows; combine the "
                             "parts with 'tvae-em merge'.")
@@ -201,20 +204,24 @@ def _given(ctx, name: str) -> bool:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("star", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
-              help="Output STAR: the input plus _tvaeZ.. columns (and _tvaeCluster).")
-@click.option("--clusters", type=int, help="Cluster the latents into this many groups (_tvaeCluster).")
+              help="Output STAR: the input plus _tvaeZ.. columns (and _tvaeCluster, rlnClassNumber).")
+@click.option("--clusters", type=int,
+              help="Cluster the latents into this many groups: _tvaeCluster and rlnClassNumber 1..K, by size.")
 @click.option("--method", type=click.Choice(["ward", "kmeans"]), default="ward", show_default=True,
               help="Clustering: agglomerative Ward (the paper's) or k-means.")
+@click.option("--class-number", type=click.Choice(["keep", "replace"]), default="keep", show_default=True,
+              help=_CLASS_NUMBER_HELP)
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
 @_DATADIR
-def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, amp, datadir):
+def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_size, device, amp, datadir):
     """Write each particle's rotation/translation-invariant latent z into its STAR row.
 
     Reads a trained RUN folder and a particle STAR; writes OUT (input columns unchanged plus _tvaeZ01..,
-    _tvaeZStd01.., _tvaeCluster), OUT's _embedding.npz and a latent-space plot.
+    _tvaeZStd01.., and with --clusters _tvaeCluster and rlnClassNumber), OUT's _embedding.npz and a latent-space
+    plot.
 
     \b
     Example:
@@ -223,7 +230,7 @@ def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, 
     from tvae_em import infer
 
     path = infer.embed(run_dir, star, out_star, clusters=clusters, method=method, shard=_parse_shard(shard),
-                       batch_size=batch_size, device=device, amp=amp, datadir=datadir)
+                       batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -264,16 +271,26 @@ def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp
 @click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
               help="The merged STAR, rows in the original order.")
-def merge(parts, out_star):
+@click.option("--clusters", type=int, help="Cluster the latents of every shard into this many groups "
+                                           "(_tvaeCluster, rlnClassNumber); default: as given to 'embed --shard'.")
+@click.option("--method", type=click.Choice(["ward", "kmeans"]),
+              help="Clustering: agglomerative Ward (the paper's) or k-means; default: as given to embed.")
+@click.option("--class-number", type=click.Choice(["keep", "replace"]),
+              help=_CLASS_NUMBER_HELP + " Default: as given to embed.")
+def merge(parts, out_star, clusters, method, class_number):
     """Merge the shard outputs of 'embed --shard' or 'pose --shard' into one STAR.
+
+    Clustering needs every particle, so for embed shards it happens here: with the --clusters, --method and
+    --class-number given to 'embed --shard', or with those given here.
 
     \b
     Example:
-      tvae-em merge embedded.shard*of4.npz -o embedded.star
+      tvae-em merge embedded.shard*of4.npz -o embedded.star --clusters 5
     """
     from tvae_em import infer
 
-    click.echo(f"wrote {infer.merge_shards(parts, out_star)}", err=True)
+    path = infer.merge_shards(parts, out_star, clusters=clusters, method=method, class_number=class_number)
+    click.echo(f"wrote {path}", err=True)
 
 
 @cli.command(context_settings=_SETTINGS)
