@@ -77,9 +77,12 @@ def cli(ctx, debug):
 @click.option("--micrographs", help="Glob of the micrograph MRC files the picks refer to, e.g. 'mics/*.mrc'.")
 @click.option("--box", "extract_box", type=int, help="Box size (pixels) to extract around each pick.")
 @click.option("--threshold", type=float, help="Keep only picks with score at or above this value.")
+@click.option("--apix", type=float,
+              help="Pixel size of the input images in Angstrom, replacing a wrong or missing one of the STAR file "
+                   "(every optics group) or the MRC headers; the output carries it (times the -D cropping factor).")
 @_DATADIR
 def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, micrographs, extract_box, threshold,
-               datadir):
+               apix, datadir):
     """Prepare particles for training: one float32 stack plus a RELION 3.1 STAR.
 
     Reads a RELION/Topaz particle STAR (or a plain .mrcs) with its stacks, or Topaz picks with their
@@ -99,9 +102,10 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
         if phase_flip:
             raise UsageError("--phase-flip needs defocus values, which Topaz picks do not carry")
         path = prep.preprocess_picks(picks, micrographs, extract_box, out_dir, threshold=threshold,
-                                     downsample=box, **options)
+                                     downsample=box, pixel_size=apix, **options)
     elif star:
-        path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip, **options)
+        path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip,
+                                    pixel_size=apix, **options)
     else:
         raise UsageError("give a particle STAR/MRCS file, or --picks with --micrographs and --box")
     click.echo(f"wrote {path}", err=True)
