@@ -451,8 +451,7 @@ def checkpoint_with_malformed_weights_and_epoch(folder):  # issue 16, case 6
 @case(EXIT_DATA, "checkpoint_last.pt: malformed training state in checkpoint")
 def resume_from_a_malformed_optimizer_state(folder):  # issue 16, case 6
     edit_checkpoint(folder / "run" / checkpoint.LAST, n_particles=N_IMAGES, optimizer_state={"state": 5})
-    return ["train", "particles.star", "--resume", "run", "--device", "cpu", "--batch-size", "8",
-            "--val-fraction", "0.25"]
+    return ["train", "particles.star", "--resume", "run", "--device", "cpu", "--epochs", "2"]
 
 
 @case(EXIT_DATA, "checkpoint_last.pt: malformed checkpoint: history rows are not log.csv rows")

@@ -265,3 +265,133 @@ def test_large_ward_fits_a_subsample_and_assigns_the_rest(monkeypatch):
     z = centres[truth] + rng.normal(scale=0.5, size=(len(truth), 2))
     labels = infer.cluster_latents(z, 3, method="ward", seed=0)
     assert labels.tolist() == (truth + 1).tolist()  # biggest blob is cluster 1
+
+
+# --- class numbers RELION can use, and clustering at the merge (issue 14) ----------------------------------------
+
+CLASS2D_OPTICS = """
+# version 30001
+
+data_optics
+
+loop_
+_rlnOpticsGroupName #1
+_rlnOpticsGroup #2
+_rlnMicrographOriginalPixelSize #3
+_rlnVoltage #4
+_rlnSphericalAberration #5
+_rlnAmplitudeContrast #6
+_rlnImagePixelSize #7
+_rlnImageSize #8
+_rlnImageDimensionality #9
+opticsGroup1 1 0.750000 300.000000 2.700000 0.100000 1.500000 16 2
+opticsGroup2 2 1.000000 200.000000 2.700000 0.100000 2.000000 16 2
+
+
+# version 30001
+
+data_particles
+
+loop_
+_rlnImageName #1
+_rlnMicrographName #2
+_rlnOpticsGroup #3
+_rlnAnglePsi #4
+_rlnOriginXAngst #5
+_rlnOriginYAngst #6
+_rlnClassNumber #7
+_rlnNormCorrection #8
+_rlnLogLikeliContribution #9
+_rlnMaxValueProbDistribution #10
+_rlnNrOfSignificantSamples #11
+"""
+RELION30_LABELS = ("rlnImageName", "rlnMicrographName", "rlnVoltage", "rlnSphericalAberration",
+                   "rlnAmplitudeContrast", "rlnMagnification", "rlnDetectorPixelSize", "rlnAnglePsi")
+
+
+def class2d_star(folder):
+    """The particles of ``write_dataset`` as RELION 3.1's Class2D writes them (run_it025_data.star): with the
+    rlnClassNumber of a 50-class classification."""
+    rows = [f"{i:06d}@{stack} MotionCorr/job002/mic{1 + k // 10}.mrc {group} {12.5 + k:.6f} 0.750000 -1.500000 "
+            f"{1 + (7 * k) % 50} 0.998731 2.105731e+05 0.512344 3"
+            for k, (i, stack, group) in enumerate([(i, "a.mrcs", 1) for i in range(1, 16)] +
+                                                  [(i, "b.mrcs", 2) for i in range(1, 11)])]
+    path = folder / "run_it025_data.star"
+    path.write_text(CLASS2D_OPTICS + "\n".join(rows) + "\n")
+    return path
+
+
+def relion30_star(folder):
+    """The particles of ``write_dataset`` in RELION 3.0's one-block layout, without a classification."""
+    rows = [f"{i:06d}@{stack} mic1.mrc {kv:.6f} 2.700000 0.100000 10000.000000 {apix:.6f} 0.000000"
+            for stack, count, kv, apix in (("a.mrcs", 15, 300, APIX[0]), ("b.mrcs", 10, 200, APIX[1]))
+            for i in range(1, count + 1)]
+    header = "".join(f"_{label} #{n}\n" for n, label in enumerate(RELION30_LABELS, start=1))
+    path = folder / "particles30.star"
+    path.write_text(f"\ndata_\n\nloop_\n{header}" + "\n".join(rows) + "\n")
+    return path
+
+
+def tvae_em(argv, capsys) -> tuple[int, list[str]]:
+    """Exit code and stderr lines (progress bars aside) of ``tvae-em argv`` on the CPU."""
+    from tvae_em.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--device", "cpu"] if argv[0] != "merge" else argv)
+    return exited.value.code, [line for line in capsys.readouterr().err.splitlines() if "|" not in line]
+
+
+def star_column(path, label):
+    return numeric_column(read_star(path), "particles", label).astype(int).tolist()
+
+
+def test_embed_writes_the_clusters_to_rlnClassNumber_of_a_relion30_star(data, tmp_path, capsys):
+    code, lines = tvae_em(["embed", str(data["run"]), str(relion30_star(data["folder"])), "-o",
+                           str(tmp_path / "embedded.star"), "--clusters", "3"], capsys)
+    assert code == 0 and not any(line.startswith("note") for line in lines)
+    clusters = star_column(tmp_path / "embedded.star", "tvaeCluster")
+    assert star_column(tmp_path / "embedded.star", "rlnClassNumber") == clusters
+    assert sorted(set(clusters)) == [1, 2, 3]
+
+
+def test_embed_keeps_an_earlier_classification_unless_asked_to_replace_it(data, tmp_path, capsys):
+    star = class2d_star(data["folder"])
+    earlier = star_column(star, "rlnClassNumber")
+    code, lines = tvae_em(["embed", str(data["run"]), str(star), "-o", str(tmp_path / "kept.star"),
+                           "--clusters", "3"], capsys)
+    assert code == 0 and star_column(tmp_path / "kept.star", "rlnClassNumber") == earlier
+    assert_input_columns_kept(star, tmp_path / "kept.star")
+    (note,) = [line for line in lines if line.startswith("note")]
+    assert "has its own rlnClassNumber (an earlier classification): kept" in note
+    code, lines = tvae_em(["embed", str(data["run"]), str(star), "-o", str(tmp_path / "replaced.star"),
+                           "--clusters", "3", "--class-number", "replace"], capsys)
+    assert code == 0
+    assert star_column(tmp_path / "replaced.star", "rlnClassNumber") == star_column(tmp_path / "replaced.star",
+                                                                                    "tvaeCluster")
+    assert_input_columns_kept(star, tmp_path / "replaced.star", replaced=("rlnClassNumber",))
+    (note,) = [line for line in lines if line.startswith("note")]
+    assert "is replaced by the 3 clusters of _tvaeCluster" in note
+
+
+def test_merge_clusters_the_shards_as_an_unsharded_embed_does(data, tmp_path, capsys):
+    star = str(class2d_star(data["folder"]))
+    for i in (0, 1):
+        assert tvae_em(["embed", str(data["run"]), star, "-o", str(tmp_path / "merged.star"), "--shard", f"{i}/2",
+                        "--batch-size", str(BATCH)], capsys)[0] == 0
+    shards = [str(tmp_path / f"merged.shard{i}of2.npz") for i in (0, 1)]
+    code, lines = tvae_em(["merge", *shards, "-o", str(tmp_path / "merged.star"), "--clusters", "3", "--method",
+                           "kmeans", "--class-number", "replace"], capsys)
+    assert code == 0 and any("is replaced by the 3 clusters" in line for line in lines)
+    assert tvae_em(["embed", str(data["run"]), star, "-o", str(tmp_path / "whole.star"), "--clusters", "3",
+                    "--method", "kmeans", "--class-number", "replace", "--batch-size", str(BATCH)], capsys)[0] == 0
+    assert (tmp_path / "merged.star").read_bytes() == (tmp_path / "whole.star").read_bytes()
+    with np.load(tmp_path / "whole_embedding.npz") as whole, np.load(tmp_path / "merged_embedding.npz") as merged:
+        np.testing.assert_array_equal(whole["cluster"], merged["cluster"])
+    # pose shards have no latents to cluster
+    for i in (0, 1):
+        infer.pose(data["run"], star, tmp_path / "posed.star", shard=(i, 2), device="cpu")
+    code, lines = tvae_em(["merge", str(tmp_path / "posed.shard0of2.npz"), str(tmp_path / "posed.shard1of2.npz"),
+                           "-o", str(tmp_path / "posed.star"), "--clusters", "3"], capsys)
+    assert code == 2 and lines == [f"error: {tmp_path / 'posed.shard0of2.npz'} holds results of 'pose': only "
+                                   "embed shards can be clustered"]

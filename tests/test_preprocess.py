@@ -156,3 +156,67 @@ def test_preprocess_picks_extracts_filters_and_records(tmp_path, make_stack):
         preprocess_picks(picks, str(tmp_path / "mics/*.mrc"), 16, tmp_path / "none", threshold=100.0)
     with pytest.raises(UsageError, match="even number of pixels"):
         preprocess_picks(picks, str(tmp_path / "mics/*.mrc"), 15, tmp_path / "odd")
+
+
+# --- preprocess --apix: a wrong or missing pixel size replaced (issue 14) ------------------------------------------
+
+RELION30_WITH_ORIGINS = """
+data_
+
+loop_
+_rlnImageName #1
+_rlnMicrographName #2
+_rlnVoltage #3
+_rlnSphericalAberration #4
+_rlnAmplitudeContrast #5
+_rlnMagnification #6
+_rlnDetectorPixelSize #7
+_rlnDefocusU #8
+_rlnOriginX #9
+_rlnOriginY #10
+_rlnAnglePsi #11
+000001@Particles/mic1.mrcs mic1.mrc 300.000000 2.700000 0.100000 100000.000000 14.000000 10000.5 -3.30401 1.5 12.0
+000002@Particles/mic1.mrcs mic1.mrc 300.000000 2.700000 0.100000 100000.000000 14.000000 10001.5 2.0 -1.0 13.0
+000003@Particles/mic1.mrcs mic1.mrc 300.000000 2.700000 0.100000 100000.000000 14.000000 10003.5 0.5 0.25 15.0
+"""
+
+
+def tvae_em(argv, capsys) -> tuple[int, list[str]]:
+    """Exit code and stderr lines (progress bars aside) of ``tvae-em argv``."""
+    from tvae_em.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code, [line for line in capsys.readouterr().err.splitlines() if "|" not in line]
+
+
+def test_apix_replaces_the_pixel_size_of_a_relion31_star_and_its_headers(tmp_path, particles_star, capsys):
+    star, _ = particles_star  # optics say 1.25 A, the stack headers 9 A
+    code, lines = tvae_em(["preprocess", str(star), "-o", str(tmp_path / "prep"), "-D", "16", "--apix", "3.1"],
+                          capsys)
+    assert code == 0, lines
+    blocks, _, header_apix = read_output(tmp_path / "prep" / "particles.star")
+    assert blocks["optics"]["rlnImagePixelSize"][0] == pytest.approx(6.2) and header_apix == pytest.approx(6.2)
+
+
+def test_apix_replaces_a_relion30_pixel_size_before_origins_become_angstrom(tmp_path, make_stack, capsys):
+    make_stack("Particles/mic1.mrcs", np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32),
+               apix=0.0)  # a header without a pixel size
+    star = tmp_path / "particles.star"
+    star.write_text(RELION30_WITH_ORIGINS)  # magnification and detector pixel: 1.4 A, the wrong one here
+    code, lines = tvae_em(["preprocess", str(star), "-o", str(tmp_path / "prep"), "--apix", "2"], capsys)
+    assert code == 0 and not any(line.startswith("warning") for line in lines), lines
+    blocks, _, header_apix = read_output(tmp_path / "prep" / "particles.star")
+    assert blocks["optics"]["rlnImagePixelSize"].tolist() == [2.0] and header_apix == pytest.approx(2.0)
+    assert blocks["particles"]["rlnOriginXAngst"].tolist() == pytest.approx([-6.60802, 4.0, 1.0])
+    assert blocks["particles"]["rlnOriginYAngst"].tolist() == pytest.approx([3.0, -2.0, 0.5])
+
+
+@pytest.mark.parametrize("value", ["0", "-1.5", "nan", "inf"])
+def test_apix_must_be_a_positive_finite_number(tmp_path, particles_star, capsys, value):
+    star, _ = particles_star
+    code, lines = tvae_em(["preprocess", str(star), "-o", str(tmp_path / "prep"), "--apix", value], capsys)
+    assert code == 2 and lines == [f"error: --apix {float(value)}: the pixel size must be a positive, finite "
+                                   "number of Angstrom"]
+    assert not (tmp_path / "prep").exists()

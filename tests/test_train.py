@@ -563,3 +563,132 @@ def test_wait_clock_counts_the_time_spent_waiting_for_batches():
         time.sleep(0.05)  # the training step: not waiting
     assert items == [0, 1, 2, 3]
     assert 0.2 <= clock.waited < 0.35
+
+
+# --- resume through the command line, on a STAR file as RELION 3.1 writes it (issue 14) -----------------------
+
+RELION31_STAR = """
+# version 30001
+
+data_optics
+
+loop_
+_rlnOpticsGroupName #1
+_rlnOpticsGroup #2
+_rlnMicrographOriginalPixelSize #3
+_rlnVoltage #4
+_rlnSphericalAberration #5
+_rlnAmplitudeContrast #6
+_rlnImagePixelSize #7
+_rlnImageSize #8
+_rlnImageDimensionality #9
+opticsGroup1 1 1.060000 300.000000 2.700000 0.100000 4.240000 24 2
+
+
+# version 30001
+
+data_particles
+
+loop_
+_rlnCoordinateX #1
+_rlnCoordinateY #2
+_rlnImageName #3
+_rlnMicrographName #4
+_rlnOpticsGroup #5
+_rlnDefocusU #6
+_rlnDefocusV #7
+_rlnDefocusAngle #8
+{rows}
+"""
+TINY_CLI_MODEL = ["--rotations", "4", "--encoder-fields", "4", "--encoder-kernel", "9", "--generator-width", "32",
+                  "--generator-depth", "1", "--fourier-features", "16"]
+# every training option away from its default, so that a resume that fell back on a default would show
+RUN_OPTIONS = ["--batch-size", "8", "--lr", "1e-3", "--coarse-to-fine", "0.25", "--seed", "3", "--val-fraction",
+               "0.25", "--amp", "off", "--ctf", "none"]
+
+
+def tvae_em(argv) -> int:
+    """Run ``tvae-em argv`` on the CPU as the installed script does; its exit code."""
+    from tvae_em.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--device", "cpu"])
+    return exited.value.code
+
+
+def messages(capsys) -> list[str]:
+    """The stderr lines written since the last call, without progress bars."""
+    return [line for line in capsys.readouterr().err.splitlines() if "|" not in line]
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A 1-epoch run trained by ``tvae-em train`` on the particles of a RELION 3.1 STAR file (full CTF columns)."""
+    from tvae_em.io.stack import write_stack
+
+    folder = tmp_path_factory.mktemp("cli_run")
+    write_stack(folder / "particles.mrcs", (blobs(24) - 0.1) / 0.2, 4.24)  # about mean 0, std 1 as preprocessed
+    rows = "\n".join(f"{100 + i}.000000 {200 + i}.000000 {i + 1:06d}@particles.mrcs MotionCorr/job002/mic1.mrc 1 "
+                     f"{15000 + 100 * i:.6f} {14500 + 100 * i:.6f} 12.500000" for i in range(24))
+    (folder / "particles.star").write_text(RELION31_STAR.format(rows=rows))
+    assert tvae_em(["train", str(folder / "particles.star"), "-o", str(folder / "run"), "--epochs", "1",
+                    *TINY_CLI_MODEL, *RUN_OPTIONS]) == 0
+    return folder
+
+
+@pytest.fixture
+def cli_copy(cli_run, tmp_path, monkeypatch):
+    """A copy of ``cli_run`` in the working folder: particles.star, particles.mrcs, run/."""
+    shutil.copytree(cli_run, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_resume_takes_every_option_from_the_run_and_epochs_is_the_new_total(cli_copy, capsys):
+    stored = ckpt.read_checkpoint(cli_copy / "run" / ckpt.LAST)
+    assert tvae_em(["train", "particles.star", "--resume", "run", "--epochs", "2"]) == 0
+    resumed = ckpt.read_checkpoint(cli_copy / "run" / ckpt.LAST)
+    assert resumed["epoch"] == 2
+    assert resumed["model_config"] == stored["model_config"] and resumed["model_config"]["ctf"] == "none"
+    expected = {**stored["train_config"], "epochs": 2}
+    assert {key: resumed["train_config"][key] for key in expected} == expected
+    assert (expected["batch_size"], expected["lr"], expected["seed"], expected["amp"]) == (8, 1e-3, 3, "off")
+
+
+def test_resuming_a_finished_run_says_so_and_leaves_it_untouched(cli_copy, capsys):
+    before = folder_bytes(cli_copy / "run")
+    # without --epochs the run keeps its total (1), not the default recipe's 20; options equal to the run's pass
+    for extra in ([], ["--batch-size", "8", "--ctf", "none", "--rotations", "4"]):
+        messages(capsys)
+        assert tvae_em(["train", "particles.star", "--resume", "run", *extra]) == 0
+        assert messages(capsys) == ["run: 1 of 1 epochs are done: nothing to do (give a larger --epochs to train "
+                                    "further)"]
+    assert folder_bytes(cli_copy / "run") == before
+
+
+@pytest.mark.parametrize("option, named", [
+    (["--lr", "0.01"], "--lr 0.01 (the run's lr: 0.001)"),
+    (["--preset", "paper"], "--preset paper (the run's batch size: 8, coarse to fine: 0.25, lr: 0.001)"),
+    (["--z-dim", "3"], "--z-dim 3 (the run's z dim: 2)"),
+    (["--ctf", "auto"], "--ctf auto (the run's ctf: none)"),
+    (["--subpixel"], "--subpixel (the run's subpixel: False)"),
+])
+def test_resume_refuses_options_that_would_change_the_model_or_the_optimisation(cli_copy, capsys, option, named):
+    before = folder_bytes(cli_copy / "run")
+    messages(capsys)
+    assert tvae_em(["train", "particles.star", "--resume", "run", "--epochs", "3", *option]) == 2
+    (line,) = messages(capsys)
+    assert line.startswith("error: cannot resume run with ") and named in line and "--epochs" in line
+    assert folder_bytes(cli_copy / "run") == before
+
+
+def test_resume_of_a_run_without_a_completed_epoch_asks_for_a_new_start(cli_copy, capsys):
+    (cli_copy / "empty").mkdir()
+    messages(capsys)
+    assert tvae_em(["train", "particles.star", "--resume", "empty"]) == 2
+    assert messages(capsys) == ["error: empty holds no completed epoch, so no settings to resume with: start it "
+                                "again with -o empty and its options"]

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 import click
+from click.core import ParameterSource
 
 from tvae_em import __version__
 from tvae_em.errors import EXIT_INTERRUPTED, TvaeError, UsageError
@@ -24,6 +25,9 @@ _DATADIR = click.option("--datadir", type=click.Path(file_okay=False),
 _AMP = click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
                     help="bfloat16 autocast: 'auto' on CUDA GPUs and CPUs with AMX-BF16 units, 'bf16' always, "
                          "'off' for float32 throughout.")
+_CLASS_NUMBER_HELP = ("With --clusters, the clusters also go to rlnClassNumber, which RELION's subset selection "
+                      "reads; an input that has its own rlnClassNumber (an earlier classification) keeps it unless "
+                      "'replace'. A note says which.")
 _SHARD = click.option("--shard", metavar="I/N",
                        help="Process only shard I of N (0-based), a contiguous block of rows; combine the "
                             "parts with 'tvae-em merge'.")
@@ -73,9 +77,12 @@ def cli(ctx, debug):
 @click.option("--micrographs", help="Glob of the micrograph MRC files the picks refer to, e.g. 'mics/*.mrc'.")
 @click.option("--box", "extract_box", type=int, help="Box size (pixels) to extract around each pick.")
 @click.option("--threshold", type=float, help="Keep only picks with score at or above this value.")
+@click.option("--apix", type=float,
+              help="Pixel size of the input images in Angstrom, replacing a wrong or missing one of the STAR file "
+                   "(every optics group) or the MRC headers; the output carries it (times the -D cropping factor).")
 @_DATADIR
 def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, micrographs, extract_box, threshold,
-               datadir):
+               apix, datadir):
     """Prepare particles for training: one float32 stack plus a RELION 3.1 STAR.
 
     Reads a RELION/Topaz particle STAR (or a plain .mrcs) with its stacks, or Topaz picks with their
@@ -95,9 +102,10 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
         if phase_flip:
             raise UsageError("--phase-flip needs defocus values, which Topaz picks do not carry")
         path = prep.preprocess_picks(picks, micrographs, extract_box, out_dir, threshold=threshold,
-                                     downsample=box, **options)
+                                     downsample=box, pixel_size=apix, **options)
     elif star:
-        path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip, **options)
+        path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip,
+                                    pixel_size=apix, **options)
     else:
         raise UsageError("give a particle STAR/MRCS file, or --picks with --micrographs and --box")
     click.echo(f"wrote {path}", err=True)
@@ -108,7 +116,10 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
 @click.option("-o", "--out", "run_dir", type=click.Path(file_okay=False),
               help="Run folder for checkpoints, log.csv and plots (required unless --resume).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the interrupted run in this folder from its last complete epoch.")
+              help="Continue the run in this folder from its last complete epoch, with every option it was "
+                   "started with. --epochs is then the new total (default: the run's), --device and --amp may "
+                   "change; any other option given with a value unlike the run's is refused, naming it, since "
+                   "it would change the model or the optimisation. A finished run is left as it is.")
 @click.option("--rotations", default=8, show_default=True, help="Discrete rotations r of the P_r group.")
 @click.option("--z-dim", default=2, show_default=True, help="Dimension of the semantic latent z.")
 @click.option("--encoder-fields", default=128, show_default=True, help="Regular fields of the encoder.")
@@ -140,8 +151,9 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
                    "benchmarks/RESULTS.md). paper: batches of 100, up to 500 epochs, 2e-4, all frequencies "
                    "from the start (section 4.1).")
 @click.option("--batch-size", type=int, help="Particles per optimiser step (default 32; paper 100).")
-@click.option("--epochs", type=int, help="Maximum epochs (default 20; paper 500); training stops early after "
-                                         "20 without improvement.")
+@click.option("--epochs", type=int, help="Maximum epochs (default 20; paper 500; with --resume the new total, "
+                                         "default the run's); training stops early after 20 without "
+                                         "improvement.")
 @click.option("--lr", type=float, help="Adam learning rate (default 2e-3; paper 2e-4), halved after 10 epochs "
                                        "without improvement.")
 @click.option("--coarse-to-fine", type=float,
@@ -153,51 +165,67 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
 @_DEVICE
 @_AMP
 @_DATADIR
-def train(star, run_dir, resume_dir, datadir, device, **options):
+@click.pass_context
+def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
     """Train TARGET-VAE on preprocessed particles.
 
     Reads a particle STAR (or .mrcs); writes RUN/checkpoint_last.pt, checkpoint_best.pt, log.csv,
-    learning_curve.png and split.npz. Interrupt with Ctrl-C and continue with --resume.
+    learning_curve.png and split.npz. Interrupt with Ctrl-C and continue with --resume, which takes every
+    option from the run.
 
     \b
     Example:
       tvae-em train prep/particles.star -o run/ --z-dim 2 --epochs 100
       tvae-em train prep/particles.star --resume run/
+      tvae-em train prep/particles.star --resume run/ --epochs 40
     """
     from tvae_em import train as training
 
     if bool(run_dir) == bool(resume_dir):
         raise UsageError("give exactly one of -o RUN (new run) or --resume RUN")
+    if resume_dir:
+        requested = {key: value for key, value in options.items() if _given(ctx, key)}
+        training.resume_from_star(star, resume_dir, {**requested, "device": device}, datadir=datadir)
+        return
     given = {key: options.pop(key) for key in _TRAIN_KEYS}
     train_config = training.TrainConfig.preset(options.pop("preset"), device=device,
                                                **{key: value for key, value in given.items() if value is not None})
     ctf = options.pop("ctf")
-    model_options = None if resume_dir else {key: value for key, value in options.items() if value is not None}
-    training.train_from_star(star, run_dir or resume_dir, train_config, model_options, datadir=datadir,
-                             resume=bool(resume_dir), ctf=ctf)
+    model_options = {key: value for key, value in options.items() if value is not None}
+    training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf)
 
 
 _TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp")
+
+
+def _given(ctx, name: str) -> bool:
+    """Whether option ``name`` was given (on the command line or through the environment), not left at its
+    default: on resume only those are compared with the run's."""
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
 @cli.command(context_settings=_SETTINGS)
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("star", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
-              help="Output STAR: the input plus _tvaeZ.. columns (and _tvaeCluster).")
-@click.option("--clusters", type=int, help="Cluster the latents into this many groups (_tvaeCluster).")
+              help="Output STAR: the input plus _tvaeZ.. columns (and _tvaeCluster, rlnClassNumber).")
+@click.option("--clusters", type=int,
+              help="Cluster the latents into this many groups: _tvaeCluster and rlnClassNumber 1..K, by size.")
 @click.option("--method", type=click.Choice(["ward", "kmeans"]), default="ward", show_default=True,
               help="Clustering: agglomerative Ward (the paper's) or k-means.")
+@click.option("--class-number", type=click.Choice(["keep", "replace"]), default="keep", show_default=True,
+              help=_CLASS_NUMBER_HELP)
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
 @_DATADIR
-def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, amp, datadir):
+def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_size, device, amp, datadir):
     """Write each particle's rotation/translation-invariant latent z into its STAR row.
 
     Reads a trained RUN folder and a particle STAR; writes OUT (input columns unchanged plus _tvaeZ01..,
-    _tvaeZStd01.., _tvaeCluster), OUT's _embedding.npz and a latent-space plot.
+    _tvaeZStd01.., and with --clusters _tvaeCluster and rlnClassNumber), OUT's _embedding.npz and a latent-space
+    plot.
 
     \b
     Example:
@@ -206,7 +234,7 @@ def embed(run_dir, star, out_star, clusters, method, shard, batch_size, device, 
     from tvae_em import infer
 
     path = infer.embed(run_dir, star, out_star, clusters=clusters, method=method, shard=_parse_shard(shard),
-                       batch_size=batch_size, device=device, amp=amp, datadir=datadir)
+                       batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -247,16 +275,26 @@ def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp
 @click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
               help="The merged STAR, rows in the original order.")
-def merge(parts, out_star):
+@click.option("--clusters", type=int, help="Cluster the latents of every shard into this many groups "
+                                           "(_tvaeCluster, rlnClassNumber); default: as given to 'embed --shard'.")
+@click.option("--method", type=click.Choice(["ward", "kmeans"]),
+              help="Clustering: agglomerative Ward (the paper's) or k-means; default: as given to embed.")
+@click.option("--class-number", type=click.Choice(["keep", "replace"]),
+              help=_CLASS_NUMBER_HELP + " Default: as given to embed.")
+def merge(parts, out_star, clusters, method, class_number):
     """Merge the shard outputs of 'embed --shard' or 'pose --shard' into one STAR.
+
+    Clustering needs every particle, so for embed shards it happens here: with the --clusters, --method and
+    --class-number given to 'embed --shard', or with those given here.
 
     \b
     Example:
-      tvae-em merge embedded.shard*of4.npz -o embedded.star
+      tvae-em merge embedded.shard*of4.npz -o embedded.star --clusters 5
     """
     from tvae_em import infer
 
-    click.echo(f"wrote {infer.merge_shards(parts, out_star)}", err=True)
+    path = infer.merge_shards(parts, out_star, clusters=clusters, method=method, class_number=class_number)
+    click.echo(f"wrote {path}", err=True)
 
 
 @cli.command(context_settings=_SETTINGS)

@@ -8,8 +8,8 @@ Shards. ``shard=(i, n)`` processes the contiguous rows [i L / n, (i + 1) L / n) 
 its row-local results (the new STAR columns, at full precision) with their row indices and a fingerprint of
 the inputs in an ``.npz``; ``merge_shards`` checks that the shards come from the same inputs and cover every
 row exactly once, puts them back in input order and runs the same final step as an unsharded run: steps that
-need every particle (clustering) happen there. An unsharded run takes the same path in memory, so merged and
-unsharded outputs are identical.
+need every particle (clustering) happen there, with the clustering request of ``embed`` or one given to the
+merge. An unsharded run takes the same path in memory, so merged and unsharded outputs are identical.
 """
 
 import hashlib
@@ -45,11 +45,16 @@ TVAE_POSE = ("tvaeAnglePsi", "tvaeOriginXAngst", "tvaeOriginYAngst")  # beside a
 REFINEMENT_ANGLES = ("rlnAngleRot", "rlnAngleTilt")
 CONFIDENCE_COLUMN = "tvaePoseLocalMass"
 CONFIDENT_MASS = 0.5  # a pose is confident when this much of q(t, r | y) lies within 1 px and 1 bin of it
-_SHARD_FORMAT = 1
+CLUSTER_METHODS = ("ward", "kmeans")
+CLASS_COLUMN = "rlnClassNumber"  # RELION's class of a particle, which its subset selection and 3-D jobs read
+# What embedding with clusters does to an input's own rlnClassNumber (an earlier classification); without one,
+# the clusters are written to it either way.
+CLASS_NUMBER_REQUESTS = ("keep", "replace")
+_SHARD_FORMAT = 2  # 2: embed shards record the class_number request
 # What a shard's ``source`` holds, with the type of each value (``Results``), for both kinds and for 'embed'.
 _SOURCE_TYPES = {"kind": str, "star_path": str, "n_rows": int, "run_dir": str, "datadir": str,
                  "star_sha256": str, "model_sha256": str}
-_KIND_SOURCE_TYPES = {"embed": {"clusters": int, "method": str, "seed": int}, "pose": {}}
+_KIND_SOURCE_TYPES = {"embed": {"clusters": int, "method": str, "class_number": str, "seed": int}, "pose": {}}
 
 
 # --- encoding -----------------------------------------------------------------------------------------------
@@ -190,11 +195,15 @@ class Results:
             raise InputError(path, "shard results without one value per row in every column")
 
 
-def merge_shards(shard_outputs, out_star) -> Path:
+def merge_shards(shard_outputs, out_star, clusters=None, method=None, class_number=None) -> Path:
     """Combine the shard results of one embed or pose run into ``out_star`` (rows in input order).
 
+    ``clusters``, ``method`` and ``class_number``, when given, replace the clustering request the embed shards
+    were made with (as ``embed`` takes them); the shards may then differ in it.
+
     Raises InputError when the shards come from different inputs or settings, when the input STAR changed
-    since they were made, or when any row is missing or appears more than once.
+    since they were made, or when any row is missing or appears more than once; UsageError for a clustering
+    request on pose shards.
     """
     paths = [Path(p) for p in shard_outputs]
     if not paths:
@@ -202,16 +211,25 @@ def merge_shards(shard_outputs, out_star) -> Path:
     refuse_overwriting([out_star], paths)
     parts = [Results.load(p) for p in paths]
     source = parts[0].source
+    given = {key: value for key, value in {"clusters": clusters, "method": method, "class_number": class_number}.items()
+             if value is not None}
+    if given and source["kind"] != "embed":
+        raise UsageError(f"{paths[0]} holds results of '{source['kind']}': only embed shards can be clustered")
     for path, part in zip(paths[1:], parts[1:], strict=True):
         if part.source["kind"] != source["kind"]:
             raise InputError(path, f"a shard of '{part.source['kind']}', but {paths[0]} is one of "
                                    f"'{source['kind']}'")
-        changed = sorted(k for k in source.keys() | part.source.keys() if part.source.get(k) != source.get(k))
+        changed = sorted(k for k in source.keys() | part.source.keys()
+                         if k not in given and part.source.get(k) != source.get(k))
         if part.columns.keys() != parts[0].columns.keys():
             changed.append("columns")
         if changed:
             raise InputError(path, f"made from other inputs or settings than {paths[0]} (differs in "
                                    f"{', '.join(changed)})")
+    if given:
+        request = {**source, **given}
+        source = {**source, **clustering(request["clusters"] or None, request["method"], request["class_number"],
+                                         request["seed"])}
     refuse_overwriting(output_paths(out_star, source["kind"]).values(),
                        [*paths, source["star_path"], *run_files(source["run_dir"])])
     check_unchanged(source["star_path"], source["star_sha256"], "the input STAR")
@@ -221,6 +239,18 @@ def merge_shards(shard_outputs, out_star) -> Path:
     columns = {name: np.concatenate([part.columns[name] for part in parts])[order]
                for name in parts[0].columns}
     return _finish(Results(rows=rows[order], columns=columns, source=source), out_star)
+
+
+def clustering(clusters, method="ward", class_number="keep", seed=0) -> dict:
+    """The clustering request of an embedding (``Results.source`` fields), checked; ``clusters`` None or 0: none.
+    """
+    if clusters is not None and method not in CLUSTER_METHODS:
+        raise UsageError(f"unknown clustering method {method!r}; expected 'ward' or 'kmeans'")
+    if clusters is not None and clusters < 1:
+        raise UsageError(f"the number of clusters must be at least 1, got {clusters}")
+    if class_number not in CLASS_NUMBER_REQUESTS:
+        raise UsageError(f"class_number must be one of {', '.join(CLASS_NUMBER_REQUESTS)}, not {class_number!r}")
+    return {"clusters": int(clusters or 0), "method": method, "class_number": class_number, "seed": int(seed)}
 
 
 def _check_coverage(rows, n_rows, paths, parts) -> None:
@@ -257,20 +287,17 @@ def file_sha256(path) -> str:
 # --- embed and pose -----------------------------------------------------------------------------------------
 
 def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None, batch_size=256,
-          device="auto", datadir=None, seed=0, amp="auto") -> Path:
+          device="auto", datadir=None, seed=0, amp="auto", class_number="keep") -> Path:
     """Semantic latents of every particle: ``_tvaeZ01..`` (posterior means of z at the MAP cell) and
     ``_tvaeZStd01..`` added to a copy of ``star_path``, ``<stem>_embedding.npz`` and ``<stem>_latent.png``.
 
     With ``clusters`` = k, the means are clustered (Ward as in section 4.3 of the paper, or k-means) into
-    ``_tvaeCluster`` 1..k, numbered by decreasing size. With ``shard`` = (i, n) only the shard's rows are
-    encoded and saved to ``shard_output_path(out_star, shard)`` (returned); ``merge_shards`` does the rest.
+    ``_tvaeCluster`` 1..k, numbered by decreasing size, and the same numbers go to RELION's ``rlnClassNumber``;
+    an input that has its own (an earlier classification) keeps it unless ``class_number`` is 'replace', and a
+    note on stderr says which. With ``shard`` = (i, n) only the shard's rows are encoded and saved to
+    ``shard_output_path(out_star, shard)`` (returned); ``merge_shards`` does the rest.
     """
-    if clusters is not None and method not in ("ward", "kmeans"):
-        raise UsageError(f"unknown clustering method {method!r}; expected 'ward' or 'kmeans'")
-    if clusters is not None and clusters < 1:
-        raise UsageError(f"the number of clusters must be at least 1, got {clusters}")
-    settings = {"kind": "embed", "clusters": 0 if clusters is None else int(clusters), "method": method,
-                "seed": int(seed)}
+    settings = {"kind": "embed", **clustering(clusters, method, class_number, seed)}
     return _run(run_dir, star_path, out_star, shard, settings, _embed_columns, batch_size=batch_size, device=device,
                 amp=amp, datadir=datadir)
 
@@ -337,15 +364,18 @@ def _finish(results: Results, out_star, model=None, particles=None) -> Path:
         checkpoint = checkpoint_path(source["run_dir"])
         check_unchanged(checkpoint, source["model_sha256"], "the model checkpoint")
         model, _ = load_model(checkpoint, map_location=torch.device("cpu"))
-    columns = dict(results.columns)
+    columns, class_note = dict(results.columns), None
     with atomic_paths(*outputs.values()) as temporaries:
         written = dict(zip(outputs, temporaries, strict=True))
         if source["kind"] == "embed":
             _finish_embedding(columns, source, model, written["embedding"], written["latent"])
+            class_note = _add_class_numbers(columns, particles, source)
         else:
             _pose_figure(columns, written["poses"])
         write_star(written["star"], particles.table, pd.DataFrame(columns), block=particles.block)
     tqdm.write(confidence_report(columns[CONFIDENCE_COLUMN]), file=sys.stderr)
+    if class_note:
+        tqdm.write(class_note, file=sys.stderr)
     if TVAE_POSE[0] in columns:
         tqdm.write(f"{source['star_path']} holds 3-D refinement angles ({', '.join(REFINEMENT_ANGLES)}): they and "
                    f"the refinement's psi and origins are kept; the in-plane poses are in _{', _'.join(TVAE_POSE)} "
@@ -408,6 +438,23 @@ def _finish_embedding(columns, source, model, npz_path, figure_path) -> None:
         np.savez(tmp, **arrays)
     plots.latent_figure(figure_path, z_mu, labels, centers, images, title="posterior means of z",
                         seed=source["seed"])
+
+
+def _add_class_numbers(columns, particles, source) -> str | None:
+    """Copy the clusters to ``rlnClassNumber`` (in ``columns``) unless the input has its own and the request keeps
+    it; a one-line note when the input had one, saying what became of it."""
+    if CLUSTER_COLUMN not in columns:
+        return None
+    had_classes = CLASS_COLUMN in particles.table[particles.block].columns
+    if had_classes and source["class_number"] == "keep":
+        return (f"note: {source['star_path']} has its own {CLASS_COLUMN} (an earlier classification): kept; the "
+                f"{source['clusters']} clusters are in _{CLUSTER_COLUMN} only (--class-number replace writes them "
+                f"to {CLASS_COLUMN} too)")
+    columns[CLASS_COLUMN] = columns[CLUSTER_COLUMN]
+    if had_classes:
+        return (f"note: the {CLASS_COLUMN} of {source['star_path']} (an earlier classification) is replaced by the "
+                f"{source['clusters']} clusters of _{CLUSTER_COLUMN}")
+    return None
 
 
 def cluster_latents(z, k, method="ward", seed=0) -> np.ndarray:

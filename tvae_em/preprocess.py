@@ -18,6 +18,7 @@ The STAR file keeps every input column; ``_rlnImageName`` points into the new st
 working folder, as RELION writes it) and the previous image name is kept in ``_tvaeSourceImageName``.
 """
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -137,6 +138,11 @@ def _check_options(normalize: str, chunk_size: int) -> None:
         raise UsageError(f"chunk size must be positive, not {chunk_size}")
 
 
+def _check_pixel_size(pixel_size: float | None) -> None:
+    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise UsageError(f"--apix {pixel_size}: the pixel size must be a positive, finite number of Angstrom")
+
+
 def _target_box(box: int, target: int | None) -> int:
     if target is None:
         return box
@@ -167,14 +173,16 @@ def _image_names(count: int, stack_path: Path) -> list[str]:
 
 def preprocess_star(star_path, out_dir, box: int | None = None, normalize: str = "particle",
                     invert: bool = False, mask: bool = False, datadir=None, chunk_size: int = 1024,
-                    phase_flip: bool = False) -> Path:
+                    phase_flip: bool = False, pixel_size: float | None = None) -> Path:
     """Preprocess the particles of a RELION STAR file (or a plain MRCS stack); returns the new STAR path.
 
     ``phase_flip``: multiply each image by the sign of its CTF (after cropping, at the new pixel size), which
     the output's optics record as ``rlnCtfDataArePhaseFlipped`` 1; the particles must carry defocus values and
-    not be flipped already."""
+    not be flipped already. ``pixel_size`` (Angstrom, of the input images) replaces a wrong or missing one of
+    the STAR file or the stack headers, for every optics group, the CTF and the output."""
     _check_options(normalize, chunk_size)
-    particles = open_particles(star_path, datadir)
+    _check_pixel_size(pixel_size)
+    particles = open_particles(star_path, datadir, pixel_size)
     out_box = _target_box(particles.box, box)
     star_out, stack_out = _output_paths(out_dir, [star_path, *particles.stack_paths])
     scale = particles.box / out_box
@@ -220,6 +228,7 @@ def preprocess_picks(picks_path, micrographs_glob: str, box: int, out_dir, thres
     (optional), normalise, and write the stack and STAR file.  ``pixel_size`` (Angstrom) overrides the
     micrographs' MRC header.  Returns the new STAR path."""
     _check_options(normalize, chunk_size)
+    _check_pixel_size(pixel_size)
     if box < 2 or box % 2:
         raise UsageError(f"the extraction box must be an even number of pixels, not {box}")
     out_box = _target_box(box, downsample)

@@ -44,7 +44,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -115,8 +115,11 @@ class TrainConfig:
     num_workers: int = 2  # processes reading batches ahead of the training loop
     progress: bool = True  # tqdm bar per epoch and a summary line per epoch on stderr
 
-    # Settings that may change when a run is resumed; all others shape the trajectory and must stay.
+    # Settings that may change when a run is resumed (epochs: the new total); all others shape the trajectory and
+    # must stay.
     RESUMABLE_CHANGES: ClassVar[tuple] = ("epochs", "device", "amp", "num_workers", "progress")
+    # Where and how visibly a process computes: each invocation's own, never taken from a run it resumes.
+    PER_INVOCATION: ClassVar[tuple] = ("device", "num_workers", "progress")
 
     def __post_init__(self):
         checks = [
@@ -147,6 +150,8 @@ class TrainConfig:
 
 CTF_REQUESTS = ("auto", "on", "none")
 PRESETS = {"default": {}, "paper": {"batch_size": 100, "epochs": 500, "lr": 2e-4, "coarse_to_fine": 0.0}}
+# What a preset given on resume is checked against: its recipe without the epochs, which resume sets anew.
+_RECIPE_SETTINGS = sorted({key for recipe in PRESETS.values() for key in recipe} - {"epochs"})
 
 
 @dataclass
@@ -169,8 +174,10 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     float32``) and write the run into ``run_dir``.
 
     ``resume=True`` continues from ``checkpoint_last.pt`` (``model_config`` may then be None: the stored one
-    is used) and ends with the same parameters as an uninterrupted run; without a checkpoint it starts afresh.
-    A fresh run refuses a ``run_dir`` that already holds a checkpoint.
+    is used) up to ``train_config.epochs`` epochs in all, and ends with the same parameters as an uninterrupted
+    run; without a checkpoint it starts afresh. A finished run (stopped early, or ``train_config.epochs``
+    epochs done) is left untouched: one line on stderr says so and its result is returned. A fresh run refuses
+    a ``run_dir`` that already holds a checkpoint.
 
     Raises Interrupted (SIGINT/SIGTERM), TrainingDiverged (NaN/inf loss), UsageError (impossible request,
     resume mismatch, or ``run_dir`` in use by another training process), InputError (unreadable checkpoint) or
@@ -184,7 +191,18 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     try:
         with stop_on_signals():
             try:
-                trainer = _Trainer(model_config, train_config, particles, run_dir, resume, device, group)
+                checkpoint = _checkpoint_to_resume(run_dir) if resume else None
+                if checkpoint is not None:
+                    model_config = _check_resumable(checkpoint, run_dir, model_config, train_config,
+                                                    len(particles))
+                    done = _nothing_to_do(checkpoint, train_config)
+                    if done:
+                        if train_config.progress and group.rank == 0:
+                            tqdm.write(f"{run_dir}: {done}", file=sys.stderr)
+                        return _result(run_dir, checkpoint["epoch"], checkpoint["best_epoch"],
+                                       checkpoint["stop_reason"], checkpoint["history"])
+                trainer = _Trainer(model_config, train_config, particles, run_dir, resume, checkpoint, device,
+                                   group)
             except Stop as stop:
                 raise Interrupted(f"{stop.name} received before the first epoch began: stopped, nothing was "
                                   "trained") from None
@@ -216,6 +234,69 @@ def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options
         except (TypeError, ValueError) as err:
             raise UsageError(f"invalid model configuration: {err}") from None
     return train(model_config, train_config, particles, run_dir, resume=resume)
+
+
+def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=None) -> TrainResult:
+    """Continue the run in ``run_dir`` on the particles of ``star_path`` with the settings it was started with.
+
+    ``requested`` holds the options given again (TrainConfig and ModelConfig fields, ``preset``, ``ctf``):
+    ``epochs`` is the new total (default: the run's), ``device`` and ``amp`` may change, and ``device``,
+    ``num_workers`` and ``progress`` are this invocation's (default: TrainConfig's), not the run's. Any other
+    setting that differs from the run's (a ``preset`` whose batch size, learning rate or coarse-to-fine do, a
+    ``ctf`` request that models the CTF otherwise) would change the optimisation or the model: UsageError naming
+    each; one equal to the run's is accepted. UsageError too for a run folder without a completed epoch, whose
+    settings are unknown.
+    """
+    from tvae_em.io.stack import open_particles
+
+    requested, run_dir = dict(requested or {}), Path(run_dir)
+    particles = open_particles(star_path, datadir=datadir)
+    refuse_overwriting(ckpt.run_files(run_dir)[1:], [star_path, *particles.stack_paths])
+    path = run_dir / ckpt.LAST
+    if not run_dir.is_dir():
+        raise InputError(run_dir, "no such run directory to resume")
+    if not path.exists():
+        raise UsageError(f"{run_dir} holds no completed epoch, so no settings to resume with: start it again "
+                         f"with -o {run_dir} and its options")
+    checkpoint = ckpt.read_checkpoint(path)
+    model_config, train_config = ckpt.model_config_from(checkpoint, path), _stored_train_config(checkpoint, path)
+    conflicts = _resume_conflicts(train_config, model_config, requested, particles)
+    if conflicts:
+        raise UsageError(f"cannot resume {run_dir} with {'; '.join(conflicts)}: only --epochs (the new total), "
+                         "--device and --amp may change; start a new run (-o) to train otherwise")
+    changes = {key: requested[key] for key in TrainConfig.RESUMABLE_CHANGES if key in requested}
+    return train(model_config, replace(train_config, **changes), particles, run_dir, resume=True)
+
+
+def _stored_train_config(checkpoint: dict, path) -> TrainConfig:
+    """The run's training settings, except those of ``TrainConfig.PER_INVOCATION`` (TrainConfig's defaults)."""
+    stored = {f.name for f in fields(TrainConfig)} - set(TrainConfig.PER_INVOCATION)
+    try:
+        return TrainConfig(**{key: value for key, value in checkpoint["train_config"].items() if key in stored})
+    except (TypeError, UsageError) as err:
+        raise InputError(path, f"malformed checkpoint: training settings ({err})") from None
+
+
+def _resume_conflicts(train_config: TrainConfig, model_config: ModelConfig, requested: dict, particles) -> list[str]:
+    """'--option value (the run's setting: value, ...)' for every option given on resume that asks for settings
+    other than the run's, outside ``TrainConfig.RESUMABLE_CHANGES``. Options given explicitly override what a
+    preset sets, as for a new run."""
+    asked = {}  # setting -> (value, the option asking for it)
+    preset = requested.get("preset")
+    if preset is not None:
+        recipe = TrainConfig.preset(preset)
+        asked.update({key: (getattr(recipe, key), f"--preset {preset}") for key in _RECIPE_SETTINGS})
+    for key, value in requested.items():
+        if key == "ctf":
+            asked[key] = (ctf_mode(value, particles, note=False), f"--ctf {value}")
+        elif key != "preset":
+            asked[key] = (value, f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}"))
+    run = {**model_config.to_dict(), **train_config.to_dict()}
+    differing = {}  # option -> the run's values of the settings it would change
+    for key, (value, option) in asked.items():
+        if key not in TrainConfig.RESUMABLE_CHANGES and run.get(key) != value:
+            differing.setdefault(option, []).append(f"{key.replace('_', ' ')}: {run.get(key)}")
+    return [f"{option} (the run's {', '.join(values)})" for option, values in differing.items()]
 
 
 def make_split(n_particles: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,18 +338,15 @@ class _Trainer:
     """State of one run (model, optimiser, scheduler, counters, history) and the epoch loop over it."""
 
     def __init__(self, model_config, config: TrainConfig, particles, run_dir: Path, resume: bool,
-                 device: torch.device, group: "_ProcessGroup"):
+                 checkpoint: dict | None, device: torch.device, group: "_ProcessGroup"):
         self.config, self.particles, self.run_dir = config, particles, run_dir
         self.device, self.group = device, group
         self.writes = group.rank == 0
         self.amp = bf16_autocast_enabled(config.amp, device)
         self.resume = resume
-        checkpoint = self._checkpoint_to_resume() if resume else None
         if resume and checkpoint is None and config.progress and self.writes:
             tqdm.write(f"{run_dir} holds no completed epoch: starting from the beginning", file=sys.stderr)
-        if checkpoint is not None:
-            model_config = self._check_resumable(checkpoint, model_config)
-        elif model_config is None:
+        if model_config is None:
             raise UsageError("a model configuration is needed to start a new run")
         self.train_idx, self.val_idx = make_split(len(particles), config.val_fraction, config.seed)
         _check_normalised(particles, self.train_idx, model_config)
@@ -294,28 +372,6 @@ class _Trainer:
                                                 device_ids=[device] if device.type == "cuda" else None)
 
     # --- resume -------------------------------------------------------------------------------------------
-    def _checkpoint_to_resume(self) -> dict | None:
-        path = self.run_dir / ckpt.LAST
-        return ckpt.read_checkpoint(path) if path.exists() else None
-
-    def _check_resumable(self, checkpoint: dict, model_config) -> ModelConfig:
-        """The stored model configuration, after checking the checkpoint's training state, and the request and
-        the data against the run."""
-        path = self.run_dir / ckpt.LAST
-        ckpt.check_field_types(checkpoint, _RESUME_FIELDS, path)
-        if not all(isinstance(row, dict) and _PLOTTED <= row.keys() <= set(LOG_COLUMNS)
-                   for row in checkpoint["history"]):
-            raise InputError(path, "malformed checkpoint: history rows are not log.csv rows")
-        stored_model = ckpt.model_config_from(checkpoint, path)
-        if model_config is not None:
-            _refuse_changes("model", stored_model.to_dict(), model_config.to_dict(), ())
-        _refuse_changes("training", checkpoint["train_config"], self.config.to_dict(),
-                        TrainConfig.RESUMABLE_CHANGES)
-        if checkpoint["n_particles"] != len(self.particles):
-            raise UsageError(f"{self.run_dir} was trained on {checkpoint['n_particles']} particles, "
-                             f"the input has {len(self.particles)}")
-        return stored_model
-
     def _restore(self, checkpoint: dict) -> None:
         """Continue where the checkpoint ends; InputError naming it if its states do not fit the run (the
         optimiser's, the scheduler's and the random states are restored by torch, numpy and Python, which
@@ -356,11 +412,10 @@ class _Trainer:
                 if self.writes:
                     _remove_stale_temporaries(self.run_dir)
                     self._write_split()  # identical when resuming (same seed, fraction and particle count)
-                if self.stop_reason != "early_stop":
-                    for epoch in range(self.epoch + 1, self.config.epochs + 1):
-                        self._run_epoch(epoch)
-                        if self.stop_reason == "early_stop":
-                            break
+                for epoch in range(self.epoch + 1, self.config.epochs + 1):  # train() returned if none is left
+                    self._run_epoch(epoch)
+                    if self.stop_reason == "early_stop":
+                        break
             except Stop as stop:
                 raise Interrupted(f"{stop.name} received in epoch {self.epoch + 1}: stopped, the epoch was dropped; "
                                   f"{self._kept()}; resume to continue") from None
@@ -531,11 +586,51 @@ class _Trainer:
         return f"{self.run_dir / ckpt.LAST} holds epoch {self.epoch}"
 
     def _result(self) -> TrainResult:
-        rows = {row["epoch"]: row for row in self.history}
-        return TrainResult(run_dir=self.run_dir, best_checkpoint=self.run_dir / ckpt.BEST,
-                           last_checkpoint=self.run_dir / ckpt.LAST, epochs=self.epoch,
-                           best_epoch=self.best_epoch, stop_reason=self.stop_reason or "max_epochs",
-                           metrics=rows.get(self.epoch, {}), best_metrics=rows.get(self.best_epoch, {}))
+        return _result(self.run_dir, self.epoch, self.best_epoch, self.stop_reason, self.history)
+
+
+# --- resume ------------------------------------------------------------------------------------------------
+
+def _checkpoint_to_resume(run_dir: Path) -> dict | None:
+    path = run_dir / ckpt.LAST
+    return ckpt.read_checkpoint(path) if path.exists() else None
+
+
+def _check_resumable(checkpoint: dict, run_dir: Path, model_config, config: TrainConfig,
+                     n_particles: int) -> ModelConfig:
+    """The stored model configuration, after checking the checkpoint's training state, and the request and the
+    data against the run."""
+    path = run_dir / ckpt.LAST
+    ckpt.check_field_types(checkpoint, _RESUME_FIELDS, path)
+    if not all(isinstance(row, dict) and _PLOTTED <= row.keys() <= set(LOG_COLUMNS)
+               for row in checkpoint["history"]):
+        raise InputError(path, "malformed checkpoint: history rows are not log.csv rows")
+    stored_model = ckpt.model_config_from(checkpoint, path)
+    if model_config is not None:
+        _refuse_changes("model", stored_model.to_dict(), model_config.to_dict(), ())
+    _refuse_changes("training", checkpoint["train_config"], config.to_dict(), TrainConfig.RESUMABLE_CHANGES)
+    if checkpoint["n_particles"] != n_particles:
+        raise UsageError(f"{run_dir} was trained on {checkpoint['n_particles']} particles, the input has "
+                         f"{n_particles}")
+    return stored_model
+
+
+def _nothing_to_do(checkpoint: dict, config: TrainConfig) -> str | None:
+    """Why a run resumed with ``config`` has no epoch left to train, or None when it has."""
+    done = checkpoint["epoch"]
+    if checkpoint["stop_reason"] == "early_stop":
+        return (f"training stopped early after epoch {done} ({checkpoint['bad_epochs']} epochs without "
+                "improvement): nothing to do")
+    if done >= config.epochs:
+        return f"{done} of {config.epochs} epochs are done: nothing to do (give a larger --epochs to train further)"
+    return None
+
+
+def _result(run_dir: Path, epoch: int, best_epoch: int, stop_reason: str | None, history: list) -> TrainResult:
+    rows = {row["epoch"]: row for row in history}
+    return TrainResult(run_dir=run_dir, best_checkpoint=run_dir / ckpt.BEST, last_checkpoint=run_dir / ckpt.LAST,
+                       epochs=epoch, best_epoch=best_epoch, stop_reason=stop_reason or "max_epochs",
+                       metrics=rows.get(epoch, {}), best_metrics=rows.get(best_epoch, {}))
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -719,17 +814,17 @@ def _particle_ctf(particles, config: ModelConfig) -> np.ndarray | None:
     return particles.ctf
 
 
-def ctf_mode(request: str, particles) -> str:
+def ctf_mode(request: str, particles, note: bool = True) -> str:
     """``ModelConfig.ctf`` for a ``train --ctf`` request: 'auto' models the CTF when the particles carry defocus
     values (its magnitude when their images were phase flipped), 'on' insists on it (UsageError without defocus
-    values), 'none' leaves it out (with a note on stderr when defocus values are there and the images are not
-    phase flipped: the latents will then follow defocus as well as structure)."""
+    values), 'none' leaves it out (with a ``note`` on stderr when defocus values are there and the images are
+    not phase flipped: the latents will then follow defocus as well as structure)."""
     if request not in CTF_REQUESTS:
         raise UsageError(f"--ctf must be one of {', '.join(CTF_REQUESTS)}, not {request!r}")
     if request == "on" and particles.ctf is None:
         raise UsageError("--ctf on: the particles carry no defocus values (_rlnDefocusU)")
     if request == "none" or particles.ctf is None:
-        if request == "none" and particles.ctf is not None and not particles.ctf_flipped:
+        if note and request == "none" and particles.ctf is not None and not particles.ctf_flipped:
             tqdm.write("note: the particles carry defocus values but the CTF is neither modelled (--ctf none) nor "
                        "corrected (preprocess --phase-flip): latents and clusters will follow defocus too",
                        file=sys.stderr)
@@ -744,8 +839,8 @@ def _listing(indices: torch.Tensor, shown: int = 5) -> str:
 
 
 def _refuse_changes(what: str, stored: dict, given: dict, allowed: tuple) -> None:
-    changed = [f"{key} (run: {stored.get(key)!r}, now: {given[key]!r})" for key in given
-               if key not in allowed and stored.get(key) != given[key]]
+    changed = [f"{key} (run: {stored[key]!r}, now: {given[key]!r})" for key in given
+               if key not in allowed and key in stored and stored[key] != given[key]]
     if changed:
         raise UsageError(f"cannot resume with a different {what} configuration: {'; '.join(changed)}")
 

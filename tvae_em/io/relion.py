@@ -16,7 +16,8 @@ itself does it (StarConverter::convert_3p0_particlesTo_3p1):
   the pixel column.
 
 Every other column and value is kept as it was.  The pixel size comes from the STAR file first and from the
-MRC header (``header_pixel_size``) only when the STAR file has none.
+MRC header (``header_pixel_size``) only when the STAR file has none, unless the user gives one, which replaces
+both (``pixel_size``: a wrong or missing one from an older job).
 """
 
 import warnings
@@ -35,19 +36,22 @@ PIXEL_TO_ANGST["rlnHelicalTrackLength"] = "rlnHelicalTrackLengthAngst"
 DEFAULT_PIXEL_SIZE = 1.0
 
 
-def to_relion31(star: StarFile, box: int, header_pixel_size: float | None) -> StarFile:
+def to_relion31(star: StarFile, box: int, header_pixel_size: float | None,
+                pixel_size: float | None = None) -> StarFile:
     """The particles STAR in RELION 3.1 form with a complete, validated optics table.
 
     ``box`` is the image size found in the stacks; ``header_pixel_size`` the MRC header's pixel size
-    (Angstrom; <= 0 or None when the header has none).
+    (Angstrom; <= 0 or None when the header has none); ``pixel_size``, when given, the pixel size of every
+    optics group instead of the STAR file's or the header's (a RELION 3.0 file's origins are converted with it).
     """
     block = particles_block(star)
     if "optics" in star:
-        return _complete_optics(star, block, box, header_pixel_size)
-    return _convert_30(star, block, box, header_pixel_size)
+        return _complete_optics(star, block, box, header_pixel_size, pixel_size)
+    return _convert_30(star, block, box, header_pixel_size, pixel_size)
 
 
-def _convert_30(star: StarFile, block: str, box: int, header_pixel_size: float | None) -> StarFile:
+def _convert_30(star: StarFile, block: str, box: int, header_pixel_size: float | None,
+                pixel_size: float | None) -> StarFile:
     table = star[block]
     labels = [label for label in OPTICS_LABELS_30 if label in table.columns]
     if labels:
@@ -65,7 +69,7 @@ def _convert_30(star: StarFile, block: str, box: int, header_pixel_size: float |
         else:
             blocks[name] = item
     converted = StarFile(blocks, star.path, star.version)
-    return _origins_to_angst(_complete_optics(converted, "particles", box, header_pixel_size))
+    return _origins_to_angst(_complete_optics(converted, "particles", box, header_pixel_size, pixel_size))
 
 
 def _optics_table(first_rows: pd.DataFrame) -> pd.DataFrame:
@@ -97,12 +101,15 @@ def _origins_to_angst(star: StarFile) -> StarFile:
     return star.replace("particles", renamed)
 
 
-def _complete_optics(star: StarFile, block: str, box: int, header_pixel_size: float | None) -> StarFile:
+def _complete_optics(star: StarFile, block: str, box: int, header_pixel_size: float | None,
+                     pixel_size: float | None) -> StarFile:
     """Fill what RELION 3.1 requires and we use (pixel size, image size, dimensionality); validate groups."""
     optics = star["optics"].copy()
     if "rlnOpticsGroup" not in optics:
         raise InputError(star.path, "data_optics has no _rlnOpticsGroup column")
-    if "rlnImagePixelSize" not in optics:
+    if pixel_size is not None:
+        optics["rlnImagePixelSize"] = str(float(pixel_size))
+    elif "rlnImagePixelSize" not in optics:
         if "rlnPixelSize" in optics:
             optics["rlnImagePixelSize"] = optics["rlnPixelSize"]
         else:

@@ -124,11 +124,12 @@ class ArrayParticles:
         return self.images[np.asarray(indices)]
 
 
-def open_particles(path, datadir=None) -> Particles:
-    """Open a STAR file (RELION 3.0-5.0) or a plain MRC/MRCS stack, validating all references."""
+def open_particles(path, datadir=None, pixel_size: float | None = None) -> Particles:
+    """Open a STAR file (RELION 3.0-5.0) or a plain MRC/MRCS stack, validating all references; ``pixel_size``
+    (Angstrom) replaces the one of the STAR file or the stack headers (``relion.to_relion31``)."""
     path = Path(path)
     if path.suffix.lower() != ".star":
-        return _open_plain_stack(path)
+        return _open_plain_stack(path, pixel_size)
     star = read_star(path)
     block = particles_block(star)
     names = star[block]["rlnImageName"]
@@ -142,11 +143,11 @@ def open_particles(path, datadir=None) -> Particles:
                for name, row in zip(unique_names, first_rows, strict=True)]
     _check_stacks(star, block, headers, list(unique_names), stack_id, index)
     warn_unstamped(headers)
-    table = to_relion31(star, headers[0].shape[1], headers[0].pixel_size)
+    table = to_relion31(star, headers[0].shape[1], headers[0].pixel_size, pixel_size)
     return Particles(table, particles_block(table), headers, stack_id.astype(np.int32), index - 1)
 
 
-def _open_plain_stack(path: Path) -> Particles:
+def _open_plain_stack(path: Path, pixel_size: float | None) -> Particles:
     header = read_mrc_header(path)
     warn_unstamped([header])
     count, rows, cols = header.shape
@@ -158,7 +159,7 @@ def _open_plain_stack(path: Path) -> Particles:
                               "rlnOpticsGroup": np.ones(count, dtype=np.int64)})
     table = new_relion31_star(optics, particles)
     table.path = path  # names the stack in messages about the table
-    table = to_relion31(table, cols, header.pixel_size)
+    table = to_relion31(table, cols, header.pixel_size, pixel_size)
     return Particles(table, "particles", [header], np.zeros(count, dtype=np.int32), np.arange(count))
 
 
