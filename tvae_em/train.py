@@ -1,9 +1,12 @@
 """Training (paper section 4, implementation details) with exact resume, divergence and signal safety.
 
-Recipe: Adam with learning rate 2e-4, batches of 100, learning rate halved after 10 epochs without
-improvement, early stop after 20, at most 500 epochs. A random 10 % of the particles is held out (as in the
-EMPIAR-10025 experiment) and its -ELBO is the monitored loss; with ``val_fraction=0`` the training -ELBO
-is monitored instead.
+Recipe (``TrainConfig``'s defaults, measured in benchmarks/RESULTS.md "Training that learns"): Adam with
+learning rate 2e-3, batches of 32, 20 epochs, and a frequency band opened from coarse to fine over the first
+half of them (``coarse_to_fine``, ``TargetVAE.open_band``) so that poses settle on each particle's overall shape
+first. ``TrainConfig.preset("paper")`` is the paper's (section 4): 2e-4, batches of 100, at most 500 epochs, all
+frequencies from the start. Both halve the learning rate after 10 epochs without improvement and stop early after
+20. A random 10 % of the particles is held out (as in the EMPIAR-10025 experiment) and its -ELBO is the
+monitored loss; with ``val_fraction=0`` the training -ELBO is monitored instead.
 
 Reproducibility. The split, the data order of epoch e and the sampling noise of epoch e come from generators
 seeded by (seed, stream, e[, rank]), never from global random state, so a run resumed from the checkpoint of
