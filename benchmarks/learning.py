@@ -40,7 +40,7 @@ SECTIONS = {"demo": "## Training that learns: the demo", "cryoem": "## Training 
 CRYOEM_MODEL = ["--rotations", "8", "--z-dim", "2", "--encoder-fields", "16", "--generator-width", "128",
                 "--generator-depth", "3", "--fourier-features", "128"]
 CRYOEM_PARTICLES, CRYOEM_SIM_BOX, CRYOEM_BOX, CRYOEM_EPOCHS = 2000, 96, 48, 10
-CRYOEM_APIX = 4.0  # Å per pixel as simulated: 8 Å per pixel in training, as for 2-D classification
+TRAIN_APIX = 8.0  # Å per pixel in training, as for 2-D classification (simulated at half of it, then -D 48)
 REPORT_LINES = {"rotation": r"rotation circular correlation\s+([-\d.]+)",
                 "translation": r"translation Pearson correlation x\s+([-\d.]+), y ([-\d.]+)",
                 "accuracy": r"clustering accuracy.*?([-\d.]+) %"}
@@ -74,13 +74,18 @@ CTF_VARIANTS = {"no CTF in the data": (False, [], "auto"), "CTF modelled (--ctf 
                 "phase flipped (preprocess --phase-flip), --ctf none": (True, ["--phase-flip"], "none")}
 
 
-def run_cryoem(seed: int, workdir: Path, preset: str, variant: str = "no CTF in the data") -> dict:
+def run_cryoem(seed: int, workdir: Path, preset: str, variant: str = "no CTF in the data",
+               train_apix: float = TRAIN_APIX) -> dict:
+    """One run of the cryoem or ctf study; ``train_apix`` sets how many CTF rings fall inside the box (the
+    objects are the same size in pixels at every pixel size)."""
     with_ctf, preprocess_options, ctf = CTF_VARIANTS[variant]
-    out = workdir / f"cryoem_{preset}_{re.sub(r'[^a-z]+', '_', variant.lower()).strip('_')}_seed{seed}"
+    name = f"cryoem_{preset}_{re.sub(r'[^a-z]+', '_', variant.lower()).strip('_')}_seed{seed}"
+    out = workdir / (name if train_apix == TRAIN_APIX else f"{name}_apix{train_apix:g}")
     log = out / "stderr.log"
     out.mkdir(parents=True, exist_ok=True)
     sim = simulate.write_particles(out / "sim", CRYOEM_PARTICLES, box=CRYOEM_SIM_BOX, n_objects=2, snr=1.0,
-                                   seed=seed, shift_std_px=3.0 * CRYOEM_SIM_BOX / CRYOEM_BOX, apix=CRYOEM_APIX,
+                                   seed=seed, shift_std_px=3.0 * CRYOEM_SIM_BOX / CRYOEM_BOX,
+                                   apix=train_apix * CRYOEM_BOX / CRYOEM_SIM_BOX,
                                    objects="conformations", defocus_um=(1.0, 2.5) if with_ctf else None)
     start = time.perf_counter()
     tvae("preprocess", sim, "-o", out / "prep", "-D", CRYOEM_BOX, *preprocess_options, log=log)
@@ -125,33 +130,36 @@ def main(argv=None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", choices=["default", "paper"], default="default",
                         help="training recipe of the cryoem and ctf studies (the demo always runs as shipped)")
+    parser.add_argument("--train-apix", type=float, default=TRAIN_APIX,
+                        help="Å per pixel in training for the cryoem and ctf studies (finer: more CTF rings)")
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out" / "learning")
     parser.add_argument("--results", type=Path, nargs="?", const=DEFAULT_RESULTS, default=None,
                         help="also write each study's table into its section of this file")
     args = parser.parse_args(argv)
     header = [f"Machine: {machine()}; one run at a time, everything through the `tvae-em` command line.", ""]
     model = f"`train --preset {args.preset} --epochs {CRYOEM_EPOCHS} {' '.join(CRYOEM_MODEL)}`"
+    particles = f"{CRYOEM_PARTICLES} particles of {CRYOEM_BOX} px of {args.train_apix:g} Å, SNR 1"
     bodies = {}
     if "demo" in args.studies:
         rows = [run_demo(seed, args.workdir) for seed in args.seeds]
         bodies["demo"] = table("`tvae-em demo -o DIR --seed S` (the README's command)", rows)
     if "cryoem" in args.studies:
-        rows = [run_cryoem(seed, args.workdir, args.preset) for seed in args.seeds]
-        bodies["cryoem"] = table(f"Two conformations, {CRYOEM_PARTICLES} particles of {CRYOEM_BOX} px, SNR 1: "
-                                 f"{model}", rows)
+        rows = [run_cryoem(seed, args.workdir, args.preset, train_apix=args.train_apix) for seed in args.seeds]
+        bodies["cryoem"] = table(f"Two conformations, {particles}: {model}", rows)
     if "ctf" in args.studies:
         bodies["ctf"] = []
         for variant in list(CTF_VARIANTS)[1:]:
-            rows = [run_cryoem(seed, args.workdir, args.preset, variant) for seed in args.seeds]
-            bodies["ctf"] += table(f"Two conformations through a CTF (defocus 1.0-2.5 um, astigmatism up to "
-                                   f"600 Å), SNR 1, {CRYOEM_PARTICLES} particles of {CRYOEM_BOX} px; {variant}: "
-                                   f"{model}", rows)
+            rows = [run_cryoem(seed, args.workdir, args.preset, variant, args.train_apix) for seed in args.seeds]
+            bodies["ctf"] += table(f"Two conformations through a CTF (defocus 1.0-2.5 um, astigmatism up to 600 Å), "
+                                   f"{particles}; {variant}: {model}", rows)
     text = "\n".join(header + [line for body in bodies.values() for line in body])
     print(text)
     if args.results is not None:
         for study, body in bodies.items():
-            write_section(args.results, "\n".join(header + body), SECTIONS[study])
+            section = SECTIONS[study] + ("" if study == "demo" else f" ({args.train_apix:g} Å per pixel)")
+            write_section(args.results, "\n".join(header + body), section)
     return text
+
 
 if __name__ == "__main__":
     main()
