@@ -6,9 +6,9 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from test_subset import run
 
 from tvae_em import averages
-from tvae_em.cli import main
 from tvae_em.ctf import through_ctf
 from tvae_em.infer import RELION_POSE, TVAE_POSE
 from tvae_em.io.stack import ArrayParticles, open_particles
@@ -29,23 +29,19 @@ def simulated(folder, **options):
     return data, write_simulated(folder, "particles", data, APIX)
 
 
-def posed_star(sim_star, path, pose_labels=RELION_POSE, class_label="rlnClassNumber", extra=None):
+def posed_star(sim_star, name, pose_labels=RELION_POSE, class_label="rlnClassNumber", extra=None):
     """The simulated STAR with its true poses in ``pose_labels`` and its true classes (1-based) in
-    ``class_label``, as 'embed --clusters' and 'pose' would write them for a perfect model."""
+    ``class_label``, as 'embed --clusters' and 'pose' would write them for a perfect model; written beside it as
+    ``name``."""
     star = read_star(sim_star)
     table = star["particles"]
     columns = {label: table[truth] for label, truth in zip(pose_labels, TRUE_POSE, strict=True)}
     if class_label:
         columns[class_label] = numeric_column(star, "particles", "tvaeTrueClass").astype(int) + 1
+    path = sim_star.with_name(name)
     write_star(path, star, pd.DataFrame({**columns, **(extra or {})}))
     return path
 
-
-def run(argv, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    return exited.value.code, capsys.readouterr().err.splitlines()
 
 
 def correlation(a, b):
@@ -63,7 +59,7 @@ def plain(tmp_path_factory):
     folder = tmp_path_factory.mktemp("averages")
     data, sim_star = simulated(folder)
     return {"folder": folder, "data": data, "sim_star": sim_star,
-            "posed": posed_star(sim_star, folder / "posed.star")}
+            "posed": posed_star(sim_star, "posed.star")}
 
 
 def test_class_averages_match_the_canonical_projections(plain, tmp_path, capsys):
@@ -92,7 +88,7 @@ def test_class_averages_match_the_canonical_projections(plain, tmp_path, capsys)
 def test_the_in_plane_pose_beside_a_refinement_is_used_and_any_class_column_chosen(plain, tmp_path, capsys):
     """_tvaeAnglePsi.. win over a 3-D refinement's rlnAnglePsi (here nonsense); --class-column picks the column."""
     rng = np.random.default_rng(0)
-    star = posed_star(plain["sim_star"], tmp_path / "refined.star", pose_labels=TVAE_POSE, class_label="tvaeMyClass",
+    star = posed_star(plain["sim_star"], "refined.star", pose_labels=TVAE_POSE, class_label="tvaeMyClass",
                       extra={"rlnAngleRot": rng.uniform(-180, 180, N), "rlnAngleTilt": rng.uniform(0, 180, N),
                              "rlnAnglePsi": rng.uniform(-180, 180, N)})
     code, lines = run(["averages", str(star), "-o", str(tmp_path / "out")], capsys)
@@ -108,7 +104,7 @@ def test_the_in_plane_pose_beside_a_refinement_is_used_and_any_class_column_chos
 
 
 def test_without_poses_or_classes_one_line_names_the_file_and_the_column(plain, tmp_path, capsys):
-    unposed = posed_star(plain["sim_star"], tmp_path / "unposed.star", pose_labels=("a", "b", "c"))
+    unposed = posed_star(plain["sim_star"], "unposed.star", pose_labels=("a", "b", "c"))
     code, lines = run(["averages", str(unposed), "-o", str(tmp_path / "out")], capsys)
     assert code == 3 and lines == [f"error: {unposed}: data_particles has no _rlnAnglePsi column (in-plane poses: "
                                    "run 'tvae-em pose' first)"]
@@ -125,7 +121,7 @@ def test_without_poses_or_classes_one_line_names_the_file_and_the_column(plain, 
 
 def test_the_wiener_average_undoes_the_ctf_better_than_the_aligned_mean(tmp_path, capsys):
     data, sim_star = simulated(tmp_path / "sim", defocus_um=(1.0, 2.5), astigmatism_angst=2000.0)
-    posed = posed_star(sim_star, tmp_path / "posed.star")
+    posed = posed_star(sim_star, "posed.star")
     assert run(["averages", str(posed), "-o", str(tmp_path / "wiener")], capsys)[0] == 0
     assert run(["averages", str(posed), "-o", str(tmp_path / "plain"), "--ctf", "none"], capsys)[0] == 0
     _, wiener = read_averages(tmp_path / "wiener")
