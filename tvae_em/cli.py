@@ -53,7 +53,9 @@ def cli(ctx, debug):
       tvae-em preprocess particles.star -o prep/ -D 100
       tvae-em train prep/particles.star -o run/
       tvae-em embed run/ prep/particles.star -o embedded.star --clusters 5
-      tvae-em pose run/ prep/particles.star -o posed.star
+      tvae-em pose run/ embedded.star -o posed.star
+      tvae-em averages posed.star -o averages/
+      tvae-em subset posed.star -o good.star --classes 1,3
       tvae-em render run/ -o render/ --grid 8
     """
     ctx.obj = {"debug": debug}
@@ -295,6 +297,79 @@ def merge(parts, out_star, clusters, method, class_number):
 
     path = infer.merge_shards(parts, out_star, clusters=clusters, method=method, class_number=class_number)
     click.echo(f"wrote {path}", err=True)
+
+
+_CLASS_COLUMN = click.option("--class-column", metavar="LABEL",
+                             help="The column that holds the classes, e.g. rlnClassNumber or tvaeCluster "
+                                  "(default: _tvaeCluster when present, else _rlnClassNumber).")
+
+
+@cli.command(context_settings=_SETTINGS)
+@click.argument("star", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: averages.mrcs, averages.star and averages.png.")
+@_CLASS_COLUMN
+@click.option("--ctf", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: when the STAR has defocus values, a Wiener-filtered average (each image weighted by its "
+                   "CTF in its own frame, then aligned; divided by the sum of the aligned CTFs squared); none: the "
+                   "plain aligned mean.")
+@click.option("--wiener-constant", default=0.1, show_default=True,
+              help="Added to the sum of CTF^2, per particle (the inverse SNR assumed): larger is smoother.")
+@click.option("--batch-size", default=256, show_default=True, help="Images read at a time.")
+@_DATADIR
+def averages(star, out_dir, class_column, ctf, wiener_constant, batch_size, datadir):
+    """Average the particles of each class, aligned by their in-plane poses.
+
+    Reads a particle STAR with classes (_tvaeCluster or rlnClassNumber, from 'embed --clusters') and in-plane
+    poses (rlnAnglePsi, rlnOriginX/YAngst from 'pose', or the _tvaeAnglePsi.. columns it writes beside a 3-D
+    refinement's angles); each image is shifted by +origin and rotated by +psi, as RELION aligns it. Writes
+    OUT/averages.mrcs (one image per class), OUT/averages.star (rlnImageName, rlnClassNumber,
+    rlnClassDistribution, _tvaeParticleCount) and OUT/averages.png (a gallery with each class's number and count).
+
+    \b
+    Example:
+      tvae-em pose run/ embedded.star -o posed.star
+      tvae-em averages posed.star -o averages/
+    """
+    from tvae_em.averages import class_averages
+
+    path = class_averages(star, out_dir, class_column, ctf=ctf, wiener_constant=wiener_constant,
+                          datadir=datadir, batch_size=batch_size)
+    click.echo(f"wrote {path}", err=True)
+
+
+@cli.command(context_settings=_SETTINGS)
+@click.argument("star", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_star", required=True, type=click.Path(dir_okay=False),
+              help="Output STAR: the chosen rows in their input order, with the optics table.")
+@click.option("--classes", help="Class numbers to keep, e.g. 1,3 or 2-4.")
+@_CLASS_COLUMN
+@click.option("--indices", "--ind", "indices_file", type=click.Path(dir_okay=False),
+              help="0-based row indices to keep: a text file (whitespace or commas), a .npy array or a .pkl as "
+                   "cryoDRGN writes its --ind files.")
+@click.option("--z-range", "z_ranges", multiple=True, metavar="DIM:LOW:HIGH",
+              help="Keep particles whose latent _tvaeZ<DIM> (1-based) lies in [LOW, HIGH]; an empty bound is "
+                   "open. Repeat for a box.")
+@_DATADIR
+def subset(star, out_star, classes, class_column, indices_file, z_ranges, datadir):
+    """Write the particles chosen by class, by row index or by latent region to a new STAR.
+
+    Every criterion given must hold. Rows keep their order and values; the optics table and any other block are
+    kept (a RELION 3.0 input is converted to 3.1, which reads its stacks for the box size).
+
+    \b
+    Examples:
+      tvae-em subset embedded.star -o good.star --classes 1,3
+      tvae-em subset embedded.star -o region.star --z-range 1:-0.5:0.5 --z-range 2::0
+      tvae-em subset particles.star -o kept.star --indices ind.pkl
+    """
+    from tvae_em import subset as selection
+
+    path, chosen, total = selection.subset_star(
+        star, out_star, classes=None if classes is None else selection.parse_classes(classes),
+        indices_file=indices_file, z_ranges=[selection.parse_z_range(text) for text in z_ranges],
+        class_column_label=class_column, datadir=datadir)
+    click.echo(f"kept {chosen} of {total} particles; wrote {path}", err=True)
 
 
 @cli.command(context_settings=_SETTINGS)

@@ -29,6 +29,7 @@ import torch
 from tvae_em.io.relion import CTF_COLUMNS
 
 N_COLUMNS = len(CTF_COLUMNS) + 1  # the parameters of io.relion.CTF_COLUMNS, then the pixel size (Å)
+_ANGLE = [name for name, _, _ in CTF_COLUMNS].index("angle_deg")  # the astigmatism angle's column
 
 
 def electron_wavelength(voltage_kv):
@@ -69,19 +70,36 @@ def transfer(params: torch.Tensor, box: int, mode: str) -> torch.Tensor:
     return (values.abs() if mode == "flipped" else values).float()
 
 
-def through_ctf(images: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """Images (n, N, N) multiplied in Fourier space by their CTF, as a microscope records them (simulations)."""
-    return _multiply_spectra(images, _values(params, images.shape[-1]))
+def through_ctf(images: np.ndarray, params: np.ndarray, flipped: bool = False) -> np.ndarray:
+    """Images (n, N, N) multiplied in Fourier space by their CTF, as a microscope records them (simulations), or
+    by its magnitude with ``flipped`` (the CTF weighting of images already multiplied by the sign of theirs)."""
+    values = rfft_values(params, images.shape[-1])
+    return _multiply_spectra(images, np.abs(values) if flipped else values)
 
 
 def phase_flip(images: np.ndarray, params: np.ndarray) -> np.ndarray:
     """Images (n, N, N) multiplied in Fourier space by the sign of their CTF: each ring's contrast made
     positive, the cheap correction that leaves |CTF| in the images (``preprocess --phase-flip``)."""
-    return _multiply_spectra(images, np.sign(_values(params, images.shape[-1])))
+    return _multiply_spectra(images, np.sign(rfft_values(params, images.shape[-1])))
 
 
-def _values(params: np.ndarray, box: int) -> np.ndarray:
+def rfft_values(params: np.ndarray, box: int) -> np.ndarray:
+    """The CTF of particles ``params`` (n, N_COLUMNS) on the ``rfft_frequencies`` grid: (n, box, box // 2 + 1)
+    float64."""
     return evaluate(torch.from_numpy(np.asarray(params, np.float64)), *rfft_frequencies(box)).numpy()
+
+
+def in_aligned_frame(params: np.ndarray, psi_deg) -> np.ndarray:
+    """The CTF parameters of particles as their images are seen once aligned by RELION's in-plane pose
+    (``poses.align_image``: shift by +origin, then rotate by +psi).
+
+    Aligning turns an image's spectrum with it, K^(u) = I^(R(psi)^T u) up to a phase from the shift, so its CTF
+    becomes CTF(R(psi)^T u), whose direction is that of u less psi: the same CTF with its astigmatism angle
+    (rlnDefocusAngle, fixed in the micrograph) turned by +psi. Exact, where rotating a sampled CTF would
+    interpolate it."""
+    params = np.array(params, dtype=np.float64)
+    params[:, _ANGLE] += np.asarray(psi_deg, dtype=np.float64)
+    return params
 
 
 def _multiply_spectra(images: np.ndarray, factors: np.ndarray) -> np.ndarray:

@@ -113,26 +113,30 @@ def pose_figure(path, psi_deg, origin_x_angst, origin_y_angst, entropy_nats, loc
     save_figure(fig, path)
 
 
-def montage_figure(path, images, titles=None, columns=None):
+def montage_figure(path, images, titles=None, columns=None, captions=None):
     """The first ``MAX_MONTAGE_IMAGES`` of ``images`` (k, N, N) in a grid, each scaled to its own range,
-    optionally titled (a figure of thousands of panels would take minutes and show nothing)."""
+    optionally titled above and captioned below (a figure of thousands of panels would take minutes and show
+    nothing)."""
     count = min(len(images), MAX_MONTAGE_IMAGES)
     columns = min(columns or int(np.ceil(np.sqrt(count))), count)
     rows = int(np.ceil(count / columns))
-    fig = Figure(figsize=(1.5 * columns, 1.5 * rows + 0.3), layout="constrained")
+    fig = Figure(figsize=(1.5 * columns, (1.5 if captions is None else 1.8) * rows + 0.3), layout="constrained")
     for k in range(count):
-        _thumbnail(fig.add_subplot(rows, columns, k + 1), images[k], None if titles is None else titles[k])
+        _thumbnail(fig.add_subplot(rows, columns, k + 1), images[k], None if titles is None else titles[k],
+                   None if captions is None else captions[k])
     if count < len(images):
         fig.suptitle(f"first {count} of {len(images)} images")
     save_figure(fig, path)
 
 
-def _thumbnail(ax, image, title):
+def _thumbnail(ax, image, title, caption=None):
     ax.imshow(image, cmap="gray", interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize="x-small")
+    if caption:
+        ax.set_xlabel(caption, fontsize="x-small")
 
 
 def _sample_rows(n, limit, seed):

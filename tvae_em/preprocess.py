@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy import fft
 from tqdm import tqdm
 
@@ -34,8 +33,8 @@ from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
 from tvae_em.io.mrc import StackWriter
 from tvae_em.io.picks import PickedBoxes, match_micrographs, read_picks
-from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, PHASE_FLIPPED
-from tvae_em.io.stack import open_particles, relion_path
+from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, PHASE_FLIPPED, one_optics_group
+from tvae_em.io.stack import image_names, open_particles, relion_path
 from tvae_em.io.star import StarFile, format_values, new_relion31_star, numeric_column, write_star
 
 NORMALIZE_MODES = ("particle", "stack", "none")
@@ -166,11 +165,6 @@ def _stream(source, pipeline: _Pipeline, stack_path: Path, pixel_size: float, ch
             bar.update(indices.size)
 
 
-def _image_names(count: int, stack_path: Path) -> list[str]:
-    name = relion_path(stack_path)
-    return [f"{i:06d}@{name}" for i in range(1, count + 1)]
-
-
 def preprocess_star(star_path, out_dir, box: int | None = None, normalize: str = "particle",
                     invert: bool = False, mask: bool = False, datadir=None, chunk_size: int = 1024,
                     phase_flip: bool = False, pixel_size: float | None = None) -> Path:
@@ -210,7 +204,7 @@ def _restacked(table: StarFile, block: str, stack_path: Path, out_box: int, scal
                phase_flipped: bool = False) -> StarFile:
     rows = table[block].copy()
     rows["tvaeSourceImageName"] = rows["rlnImageName"]
-    rows["rlnImageName"] = _image_names(len(rows), stack_path)
+    rows["rlnImageName"] = image_names(len(rows), stack_path)
     optics = table["optics"].copy()
     if scale != 1:
         apix = numeric_column(table, "optics", "rlnImagePixelSize")
@@ -250,12 +244,9 @@ def preprocess_picks(picks_path, micrographs_glob: str, box: int, out_dir, thres
     scale = box / out_box
     rows = table[boxes.kept].reset_index(drop=True)
     rows["rlnMicrographName"] = [relion_path(micrographs[i]) for i in mic_id[boxes.kept]]
-    rows["rlnImageName"] = _image_names(len(rows), stack_out)
+    rows["rlnImageName"] = image_names(len(rows), stack_out)
     rows["rlnOpticsGroup"] = "1"
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-                           "rlnImagePixelSize": [apix * scale], "rlnImageSize": [out_box],
-                           "rlnImageDimensionality": [2]})
     with atomic_paths(star_out, stack_out) as (star_tmp, stack_tmp):
         _stream(boxes, pipeline, stack_tmp, apix * scale, chunk_size)
-        write_star(star_tmp, new_relion31_star(optics, rows))
+        write_star(star_tmp, new_relion31_star(one_optics_group(apix * scale, out_box), rows))
     return star_out

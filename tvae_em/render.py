@@ -19,7 +19,7 @@ from tvae_em.device import resolve_device
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
 from tvae_em.io.files import regular_file
-from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, particle_pixel_sizes
+from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, one_optics_group, particle_pixel_sizes
 from tvae_em.io.stack import relion_path, write_stack
 from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
 from tvae_em.memory import FLOAT_BYTES, check_fits
@@ -234,8 +234,6 @@ def rendered_star(source: Latents, theta_rad, t_model, box, apix, stack_name):
     ``stack_name`` is the stack as RELION should find it (relative to the project folder, or absolute)."""
     k = len(source.z)
     psi_deg, origin_x, origin_y = model_to_relion(np.full(k, theta_rad), np.tile(t_model, (k, 1)), box, apix)
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-                           "rlnImagePixelSize": [apix], "rlnImageSize": [box], "rlnImageDimensionality": [2]})
     particles = pd.DataFrame({"rlnImageName": [f"{i:06d}@{stack_name}" for i in range(1, k + 1)],
                               "rlnOpticsGroup": np.ones(k, np.int64), "rlnAnglePsi": psi_deg,
                               "rlnOriginXAngst": origin_x, "rlnOriginYAngst": origin_y})
@@ -243,4 +241,4 @@ def rendered_star(source: Latents, theta_rad, t_model, box, apix, stack_name):
         particles[name] = values
     if source.clusters is not None:
         particles[CLUSTER_COLUMN] = np.asarray(source.clusters, np.int64)
-    return new_relion31_star(optics, particles)
+    return new_relion31_star(one_optics_group(apix, box), particles)

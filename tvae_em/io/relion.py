@@ -225,3 +225,11 @@ def _check(params: np.ndarray, path) -> None:
         row = int(np.flatnonzero(bad)[0])
         values = ", ".join(f"{label} {params[row, i]:g}" for i, (_, label, _) in enumerate(CTF_COLUMNS))
         raise InputError(path, f"particle row {row + 1}: CTF values out of range ({values})")
+
+
+def one_optics_group(pixel_size: float, box: int) -> pd.DataFrame:
+    """The optics table of images made here (rendered, averaged, extracted from picks): one group, with their
+    pixel size (Angstrom) and box."""
+    return pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                         "rlnImagePixelSize": [float(pixel_size)], "rlnImageSize": [int(box)],
+                         "rlnImageDimensionality": [2]})

@@ -20,7 +20,7 @@ from tvae_em.io.mrc import MrcHeader, read_mrc_header, read_sections, warn_unsta
 from tvae_em.io.relion import ctf_parameters, ctf_phase_flipped, has_ctf, particle_pixel_sizes, to_relion31
 from tvae_em.io.star import StarFile, new_relion31_star, particles_block, read_star
 
-__all__ = ["ArrayParticles", "Particles", "open_particles", "relion_path", "write_stack"]
+__all__ = ["ArrayParticles", "Particles", "image_names", "open_particles", "relion_path", "write_stack"]
 _OPEN_FILES = 64  # stacks kept open at once
 _INDEX_DIGITS = 18  # image indices have at most this many digits (int64 holds every 18-digit number)
 
@@ -240,3 +240,10 @@ def relion_path(path) -> str:
         return str(absolute.relative_to(Path.cwd()))
     except ValueError:
         return str(absolute)
+
+
+def image_names(count: int, stack_path) -> list[str]:
+    """The rlnImageName of each of the ``count`` images of a stack written at ``stack_path``, as RELION names them
+    ('000001@' and the ``relion_path`` of the stack)."""
+    name = relion_path(stack_path)
+    return [f"{i:06d}@{name}" for i in range(1, count + 1)]

@@ -1,0 +1,230 @@
+"""Choose particles: by class, by a list of row indices, or by a region of the latent space, and write the chosen
+rows as a RELION 3.1 particle STAR (``tvae-em subset``), as RELION's subset selection and cryoDRGN's ``--ind``
+files do.
+
+Every criterion given narrows the selection (they combine as 'and'); the rows keep their input order and every
+cell its text, and the optics table and any other block are kept whole. A RELION 3.0 file (no optics table) is
+converted as ``io.relion.to_relion31`` does, which needs its stacks for the box size; a 3.1 file needs only
+itself.
+
+Which column holds the classes (``class_column``) is shared with ``tvae-em averages``, so that the class numbers
+of the averages are the ones a subset selects: by default ``_tvaeCluster`` (the clusters of ``tvae-em embed
+--clusters``) when the table has it, else RELION's ``_rlnClassNumber``.
+"""
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+
+from tvae_em.errors import InputError, UsageError
+from tvae_em.infer import CLASS_COLUMN
+from tvae_em.io.atomic import refuse_overwriting
+from tvae_em.io.files import regular_file
+from tvae_em.io.stack import open_particles
+from tvae_em.io.star import StarFile, numeric_column, particles_block, read_star, write_star
+from tvae_em.render import CLUSTER_COLUMN
+
+INDEX_SUFFIXES = (".npy", ".pkl")  # any other suffix: a text file
+_INTEGER_RE = re.compile(r"[+-]?\d+")
+_LATENT_RE = re.compile(r"tvaeZ(\d+)")
+
+
+# --- classes ------------------------------------------------------------------------------------------------
+
+def class_column(star: StarFile, block: str, requested: str | None = None) -> str:
+    """The label (without '_') of the column that holds the particles' classes: ``requested`` (with or without
+    its leading underscore), else ``_tvaeCluster`` when present, else ``_rlnClassNumber``; InputError naming the
+    file and the column when it is missing."""
+    columns = star[block].columns
+    if requested is not None:
+        label = requested.lstrip("_")
+        if label not in columns:
+            raise InputError(star.path, f"data_{block} has no _{label} column")
+        return label
+    for label in (CLUSTER_COLUMN, CLASS_COLUMN):
+        if label in columns:
+            return label
+    raise InputError(star.path, f"data_{block} has no _{CLASS_COLUMN} or _{CLUSTER_COLUMN} column (classes: "
+                                "cluster the particles with 'tvae-em embed --clusters K' first)")
+
+
+def class_numbers(star: StarFile, block: str, label: str) -> np.ndarray:
+    """Column ``label`` as int64 class numbers; InputError naming the first row that holds no integer."""
+    values = numeric_column(star, block, label)
+    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(star.path, f"data_{block} row {row + 1}: _{label} {star[block][label].iloc[row]!r} is "
+                                    "not a class number (an integer)")
+    return values.astype(np.int64)
+
+
+def parse_classes(text: str) -> list[int]:
+    """'1,3,5-7' -> [1, 3, 5, 6, 7]; UsageError for anything else."""
+    classes = []
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        if not 1 <= len(bounds) <= 2 or not all(_INTEGER_RE.fullmatch(bound.strip()) for bound in bounds):
+            raise UsageError(f"--classes {text!r}: expected class numbers like 1,3 or 2-4")
+        first, last = int(bounds[0]), int(bounds[-1])
+        if last < first:
+            raise UsageError(f"--classes {text!r}: the range {part.strip()} runs backwards")
+        classes.extend(range(first, last + 1))
+    return sorted(set(classes))
+
+
+# --- row indices --------------------------------------------------------------------------------------------
+
+def read_row_indices(path, n_rows: int, star_path) -> np.ndarray:
+    """Sorted, distinct 0-based row indices from a text file (integers separated by whitespace or commas, '#'
+    comments), a .npy array or a .pkl of an array or list (cryoDRGN's ``--ind`` files); InputError naming the
+    file for anything that is not an integer or lies outside the ``n_rows`` rows of ``star_path``."""
+    path = regular_file(path)
+    suffix = path.suffix.lower()
+    values = _load_npy(path) if suffix == ".npy" else _load_pickle(path) if suffix == ".pkl" else _load_text(path)
+    values = np.asarray(values)
+    integral = values.dtype.kind in "iu" or (values.dtype.kind == "f" and np.all(values == np.round(values)))
+    if values.ndim != 1 or values.dtype.kind not in "iuf" or not integral:
+        raise InputError(path, f"not a list of row indices (a 1-D array of integers; found {values.ndim}-D "
+                               f"{values.dtype})")
+    outside = np.flatnonzero((values < 0) | (values >= n_rows))
+    if outside.size:
+        raise InputError(path, f"row index {values[outside[0]]:g} is out of range: {star_path} has {n_rows} "
+                               f"particles (0-based indices 0 to {n_rows - 1})")
+    return np.unique(values.astype(np.int64))
+
+
+def _load_text(path: Path) -> np.ndarray:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(path, "not a text file of row indices (.npy and .pkl files are read as arrays)") from None
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err.strerror}") from None
+    values = []
+    for number, line in enumerate(lines, start=1):
+        for token in line.split("#", 1)[0].replace(",", " ").split():
+            if not _INTEGER_RE.fullmatch(token):
+                raise InputError(path, f"line {number}: {token[:40]!r} is not a row index (0-based integers)")
+            values.append(int(token))
+    huge = any(abs(value) >= 2 ** 62 for value in values)  # out of range anyway; float64 holds it for the message
+    return np.asarray(values, dtype=np.float64 if huge else np.int64)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"not a readable .npy array ({err})") from None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists and numbers only: a pickle can run any code it names, and an index file
+    needs none."""
+
+    _ALLOWED = {(f"numpy.{core}.{module}", name) for core in ("core", "_core")  # numpy 1 and 2 spell it so
+                for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                     ("numeric", "_frombuffer"))} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no array of indices needs")
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: Path) -> np.ndarray:
+    try:
+        with open(path, "rb") as handle:
+            return np.asarray(_ArrayUnpickler(handle).load())
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err.strerror}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+            ValueError) as err:
+        raise InputError(path, f"not a pickled array of row indices ({err})") from None
+
+
+# --- latent region ------------------------------------------------------------------------------------------
+
+def parse_z_range(text: str) -> tuple[int, float, float]:
+    """'DIM:LOW:HIGH' (DIM 1-based, as in _tvaeZ01; LOW or HIGH may be left empty for no bound) ->
+    (dim, low, high); UsageError for anything else."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        dim = int(parts[0])
+        low = float(parts[1]) if parts[1].strip() else -np.inf
+        high = float(parts[2]) if parts[2].strip() else np.inf
+    except ValueError:
+        raise UsageError(f"--z-range {text!r}: expected DIM:LOW:HIGH, e.g. 1:-0.5:0.5 (an empty bound is "
+                         "open)") from None
+    if dim < 1 or np.isnan(low) or np.isnan(high) or low > high:
+        raise UsageError(f"--z-range {text!r}: need a dimension from 1 and LOW <= HIGH")
+    return dim, low, high
+
+
+def in_latent_range(star: StarFile, block: str, dim: int, low: float, high: float) -> np.ndarray:
+    """Whether each particle's latent coordinate ``dim`` (1-based, column _tvaeZ<dim>) lies in [low, high]."""
+    labels = [label for label in star[block].columns if (found := _LATENT_RE.fullmatch(label))
+              and int(found[1]) == dim]
+    if not labels:
+        dims = sum(bool(_LATENT_RE.fullmatch(label)) for label in star[block].columns)
+        raise InputError(star.path, f"data_{block} has no _tvaeZ{dim:02d} column (it has {dims} latent "
+                                    "dimensions; 'tvae-em embed' writes them)")
+    z = numeric_column(star, block, labels[0])
+    return (z >= low) & (z <= high)
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+def subset_star(star_path, out_star, classes=None, indices_file=None, z_ranges=(), class_column_label=None,
+                datadir=None) -> tuple[Path, int, int]:
+    """Write the particles of ``star_path`` chosen by every criterion given to ``out_star``: ``classes`` (class
+    numbers, in ``class_column``), ``indices_file`` (``read_row_indices``) and ``z_ranges`` ((dim, low, high)
+    each, ``parse_z_range``). Returns (out_star, particles chosen, particles in the input).
+
+    UsageError without a criterion, for an output that is an input, for a class that no particle has and when
+    nothing is chosen; InputError for a bad index file or a missing column."""
+    if classes is None and indices_file is None and not z_ranges:
+        raise UsageError("choose particles with --classes, --indices or --z-range")
+    out_star = Path(out_star)
+    refuse_overwriting([out_star], [path for path in (star_path, indices_file) if path is not None])
+    star = _relion31_table(star_path, datadir)
+    block = particles_block(star)
+    n_rows = len(star[block])
+    chosen = np.ones(n_rows, dtype=bool)
+    if classes is not None:
+        label = class_column(star, block, class_column_label)
+        numbers = class_numbers(star, block, label)
+        absent = sorted(set(classes) - set(numbers.tolist()))
+        if absent:
+            raise UsageError(f"--classes: no particle of {star.path} is in class {absent[0]} of _{label} "
+                             f"(its classes: {_listing(np.unique(numbers))})")
+        chosen &= np.isin(numbers, classes)
+    if indices_file is not None:
+        listed = np.zeros(n_rows, dtype=bool)
+        listed[read_row_indices(indices_file, n_rows, star.path)] = True
+        chosen &= listed
+    for dim, low, high in z_ranges:
+        chosen &= in_latent_range(star, block, dim, low, high)
+    if not chosen.any():
+        raise UsageError(f"no particle of {star.path} meets every criterion given; nothing written")
+    rows = np.flatnonzero(chosen)
+    write_star(out_star, star.replace(block, star[block].iloc[rows].reset_index(drop=True)))
+    return out_star, len(rows), n_rows
+
+
+def _relion31_table(star_path, datadir) -> StarFile:
+    """The STAR file as it is when it has an optics table; a RELION 3.0 file converted (which reads its stacks'
+    headers for the box size)."""
+    star = read_star(star_path)
+    if "optics" in star:
+        return star
+    return open_particles(star_path, datadir=datadir).table
+
+
+def _listing(numbers, shown: int = 10) -> str:
+    text = ", ".join(str(n) for n in numbers[:shown])
+    return text if len(numbers) <= shown else f"{text}, ... ({len(numbers)} in all)"
