@@ -715,6 +715,30 @@ def render_centres(folder):
     return ["render", "run", "-o", "rend", "--centers-from", "emb.star", "--device", "cpu"]
 
 
+def posed_clusters(folder) -> str:
+    infer.pose("run", embedded_star(folder), "posed.star", device="cpu")
+    return "posed.star"
+
+
+@input_as_output
+def averages_star(folder):
+    linked(posed_clusters(folder), "avg/averages.star")
+    return ["averages", "posed.star", "-o", "avg"]
+
+
+@input_as_output
+def averages_stack(folder):
+    posed = posed_clusters(folder)
+    linked("a.mrcs", "avg/averages.mrcs", hard=False)
+    return ["averages", posed, "-o", "avg"]
+
+
+@input_as_output
+def subset_star(folder):
+    linked(embedded_star(folder), "subset.star", hard=False)
+    return ["subset", "emb.star", "-o", "subset.star", "--classes", "1"]
+
+
 @pytest.mark.parametrize("setup", INPUT_AS_OUTPUT)
 def test_every_command_refuses_each_of_its_inputs_as_its_output(project, capsys, setup):
     assert_refused(project, capsys, setup(project), EXIT_USAGE, ("is also an input", "choose another output"))
