@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from relion_files import optics_block
 from tiny_run import BOX, TINY, save_run
 
 from tvae_em import checkpoint, infer
@@ -269,24 +270,10 @@ def test_large_ward_fits_a_subsample_and_assigns_the_rest(monkeypatch):
 
 # --- class numbers RELION can use, and clustering at the merge (issue 14) ----------------------------------------
 
-CLASS2D_OPTICS = """
-# version 30001
-
-data_optics
-
-loop_
-_rlnOpticsGroupName #1
-_rlnOpticsGroup #2
-_rlnMicrographOriginalPixelSize #3
-_rlnVoltage #4
-_rlnSphericalAberration #5
-_rlnAmplitudeContrast #6
-_rlnImagePixelSize #7
-_rlnImageSize #8
-_rlnImageDimensionality #9
-opticsGroup1 1 0.750000 300.000000 2.700000 0.100000 1.500000 16 2
-opticsGroup2 2 1.000000 200.000000 2.700000 0.100000 2.000000 16 2
-
+CLASS2D_OPTICS = optics_block(
+    "opticsGroup1 1 0.750000 300.000000 2.700000 0.100000 1.500000 16 2",
+    "opticsGroup2 2 1.000000 200.000000 2.700000 0.100000 2.000000 16 2",
+) + """
 
 # version 30001
 

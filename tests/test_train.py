@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from relion_files import optics_block
 
 from tvae_em import __version__
 from tvae_em import checkpoint as ckpt
@@ -567,23 +568,9 @@ def test_wait_clock_counts_the_time_spent_waiting_for_batches():
 
 # --- resume through the command line, on a STAR file as RELION 3.1 writes it (issue 14) -----------------------
 
-RELION31_STAR = """
-# version 30001
-
-data_optics
-
-loop_
-_rlnOpticsGroupName #1
-_rlnOpticsGroup #2
-_rlnMicrographOriginalPixelSize #3
-_rlnVoltage #4
-_rlnSphericalAberration #5
-_rlnAmplitudeContrast #6
-_rlnImagePixelSize #7
-_rlnImageSize #8
-_rlnImageDimensionality #9
-opticsGroup1 1 1.060000 300.000000 2.700000 0.100000 4.240000 24 2
-
+RELION31_STAR = optics_block(
+    "opticsGroup1 1 1.060000 300.000000 2.700000 0.100000 4.240000 24 2",
+) + """
 
 # version 30001
 
