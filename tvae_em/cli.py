@@ -28,6 +28,10 @@ _AMP = click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default
 _CLASS_NUMBER_HELP = ("With --clusters, the clusters also go to rlnClassNumber, which RELION's subset selection "
                       "reads; an input that has its own rlnClassNumber (an earlier classification) keeps it unless "
                       "'replace'. A note says which.")
+_THREADS = click.option("--threads", type=click.IntRange(min=1),
+                        help="CPUs to use, processes reading data included (default: the CPUs this process may use: "
+                             "OMP_NUM_THREADS if set, else the smallest of the CPU affinity, the cgroup quota and "
+                             "SLURM_CPUS_PER_TASK).")
 _SHARD = click.option("--shard", metavar="I/N",
                        help="Process only shard I of N (0-based), a contiguous block of rows; combine the "
                             "parts with 'tvae-em merge'.")
@@ -166,6 +170,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
 @click.option("--seed", default=0, show_default=True)
 @_DEVICE
 @_AMP
+@_THREADS
 @_DATADIR
 @click.pass_context
 def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
@@ -197,7 +202,7 @@ def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
     training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf)
 
 
-_TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp")
+_TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp", "threads")
 
 
 def _given(ctx, name: str) -> bool:
@@ -221,8 +226,9 @@ def _given(ctx, name: str) -> bool:
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
+@_THREADS
 @_DATADIR
-def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_size, device, amp, datadir):
+def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_size, device, amp, threads, datadir):
     """Write each particle's rotation/translation-invariant latent z into its STAR row.
 
     Reads a trained RUN folder and a particle STAR; writes OUT (input columns unchanged plus _tvaeZ01..,
@@ -236,7 +242,8 @@ def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_
     from tvae_em import infer
 
     path = infer.embed(run_dir, star, out_star, clusters=clusters, method=method, shard=_parse_shard(shard),
-                       batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number)
+                       batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number,
+                       threads=threads)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -253,8 +260,9 @@ def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
+@_THREADS
 @_DATADIR
-def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp, datadir):
+def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp, threads, datadir):
     """Infer each particle's in-plane rotation and shift, in RELION's convention.
 
     Reads a trained RUN folder and a particle STAR; writes OUT with rlnAnglePsi (deg), rlnOriginXAngst,
@@ -269,7 +277,7 @@ def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp
     from tvae_em import infer
 
     path = infer.pose(run_dir, star, out_star, shard=_parse_shard(shard), batch_size=batch_size,
-                      device=device, amp=amp, datadir=datadir, replace_angles=replace_angles)
+                      device=device, amp=amp, datadir=datadir, replace_angles=replace_angles, threads=threads)
     click.echo(f"wrote {path}", err=True)
 
 

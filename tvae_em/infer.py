@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from tvae_em import plots
 from tvae_em.checkpoint import checkpoint_path, load_model, run_files
-from tvae_em.device import bf16_autocast, bf16_autocast_enabled, resolve_device
+from tvae_em.device import bf16_autocast, bf16_autocast_enabled, plan_threads, resolve_device, torch_threads
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_path, atomic_paths, refuse_overwriting
 from tvae_em.io.files import regular_file
@@ -59,7 +59,8 @@ _KIND_SOURCE_TYPES = {"embed": {"clusters": int, "method": str, "class_number": 
 
 # --- encoding -----------------------------------------------------------------------------------------------
 
-def encode_particles(model, particles, batch_size=256, device="auto", indices=None, amp="auto") -> dict:
+def encode_particles(model, particles, batch_size=256, device="auto", indices=None, amp="auto",
+                     threads=None) -> dict:
     """Run the encoder over ``particles`` (all rows, or ``indices``) and return numpy arrays, one row each.
 
     ``amp``: bfloat16 autocast as in training (``device.bf16_autocast_enabled``); the poses and latents match
@@ -68,7 +69,7 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
     Keys: z_mu, z_std (n, Z); theta (n,) rad in [0, 2 pi); t (n, 2) model frame; entropy (n,) nats of
     q(t, r | y); rotation_mass (n, R); max_prob, local_mass, translation_mass (n,) (``PoseEstimate``). The
     next batch is read from disk while the current one is encoded, so at most two batches of images are in
-    memory.
+    memory. ``threads``: CPUs for torch (default: those the process may use, ``device.cpu_budget``).
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -87,7 +88,7 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
                "rotation_mass": np.empty((n, cfg.rotations), np.float32),
                **{name: np.empty(n, np.float32) for name in ("entropy", "max_prob", "local_mass",
                                                              "translation_mass")}}
-    with ThreadPoolExecutor(max_workers=1) as reader, torch.no_grad(), \
+    with ThreadPoolExecutor(max_workers=1) as reader, torch.no_grad(), torch_threads(plan_threads(threads).threads), \
             tqdm(total=n, unit="particle", desc="encoding", file=sys.stderr) as progress:
         pending = reader.submit(particles.read, indices[:batch_size]) if n else None
         for start in range(0, n, batch_size):
@@ -287,7 +288,7 @@ def file_sha256(path) -> str:
 # --- embed and pose -----------------------------------------------------------------------------------------
 
 def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None, batch_size=256,
-          device="auto", datadir=None, seed=0, amp="auto", class_number="keep") -> Path:
+          device="auto", datadir=None, seed=0, amp="auto", class_number="keep", threads=None) -> Path:
     """Semantic latents of every particle: ``_tvaeZ01..`` (posterior means of z at the MAP cell) and
     ``_tvaeZStd01..`` added to a copy of ``star_path``, ``<stem>_embedding.npz`` and ``<stem>_latent.png``.
 
@@ -299,11 +300,11 @@ def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None
     """
     settings = {"kind": "embed", **clustering(clusters, method, class_number, seed)}
     return _run(run_dir, star_path, out_star, shard, settings, _embed_columns, batch_size=batch_size, device=device,
-                amp=amp, datadir=datadir)
+                amp=amp, datadir=datadir, threads=threads)
 
 
 def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto", datadir=None,
-         amp="auto", replace_angles=False) -> Path:
+         amp="auto", replace_angles=False, threads=None) -> Path:
     """In-plane poses of every particle in RELION's convention (``rlnAnglePsi``, ``rlnOriginXAngst``,
     ``rlnOriginYAngst``, replacing any the input had, with each particle's own pixel size) in a copy of
     ``star_path``, plus ``<stem>_poses.png``, and what the posterior says about their reliability:
@@ -323,10 +324,11 @@ def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto"
     """
     settings = {"kind": "pose", "replace_angles": bool(replace_angles)}
     return _run(run_dir, star_path, out_star, shard, settings, _pose_columns, batch_size=batch_size,
-                device=device, amp=amp, datadir=datadir)
+                device=device, amp=amp, datadir=datadir, threads=threads)
 
 
-def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_size, device, amp, datadir) -> Path:
+def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_size, device, amp, datadir,
+         threads=None) -> Path:
     """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run."""
     star_path, out_star = Path(star_path).resolve(), Path(out_star)
     outputs = [shard_output_path(out_star, shard)] if shard else output_paths(out_star, settings["kind"]).values()
@@ -335,7 +337,7 @@ def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_s
     particles = open_particles(star_path, datadir=datadir)
     refuse_overwriting(outputs, particles.stack_paths)
     rows = shard_rows(len(particles), shard)
-    encoded = encode_particles(model, particles, batch_size, device, rows, amp)
+    encoded = encode_particles(model, particles, batch_size, device, rows, amp, threads)
     source = {**settings, "star_path": str(star_path), "n_rows": len(particles),
               "run_dir": str(Path(run_dir).resolve()),
               "datadir": "" if datadir is None else str(Path(datadir).resolve())}

@@ -62,7 +62,14 @@ from tqdm import tqdm
 
 from tvae_em import checkpoint as ckpt
 from tvae_em.ctf import transfer as ctf_transfer
-from tvae_em.device import AMP_MODES, bf16_autocast, bf16_autocast_enabled, resolve_device
+from tvae_em.device import (
+    AMP_MODES,
+    bf16_autocast,
+    bf16_autocast_enabled,
+    plan_threads,
+    resolve_device,
+    torch_threads,
+)
 from tvae_em.errors import InputError, Interrupted, TvaeError, UsageError
 from tvae_em.interrupt import STOP_SIGNALS, Stop, deferred_signals, stop_on_signals
 from tvae_em.io.atomic import atomic_path, locked_folder, refuse_overwriting
@@ -115,14 +122,15 @@ class TrainConfig:
     early_stop: int = 20  # epochs without improvement before training stops
     device: str = "auto"  # 'auto' (first CUDA GPU, else CPU), 'cpu', 'cuda', 'cuda:1', ...
     amp: str = "auto"  # 'auto': bfloat16 autocast on CUDA and AMX-BF16 CPUs, else none; 'bf16': always; 'off': never
-    num_workers: int = 2  # processes reading batches ahead of the training loop
+    num_workers: int = 2  # at most this many processes read batches ahead of the loop (``device.plan_threads``)
+    threads: int | None = None  # CPUs to use, workers included; None: those the process may use (``cpu_budget``)
     progress: bool = True  # tqdm bar per epoch and a summary line per epoch on stderr
 
     # Settings that may change when a run is resumed (epochs: the new total); all others shape the trajectory and
     # must stay.
-    RESUMABLE_CHANGES: ClassVar[tuple] = ("epochs", "device", "amp", "num_workers", "progress")
+    RESUMABLE_CHANGES: ClassVar[tuple] = ("epochs", "device", "amp", "num_workers", "threads", "progress")
     # Where and how visibly a process computes: each invocation's own, never taken from a run it resumes.
-    PER_INVOCATION: ClassVar[tuple] = ("device", "num_workers", "progress")
+    PER_INVOCATION: ClassVar[tuple] = ("device", "num_workers", "threads", "progress")
 
     def __post_init__(self):
         checks = [
@@ -135,6 +143,7 @@ class TrainConfig:
             (0 < self.lr_factor < 1, "lr_factor must be in (0, 1)"),
             (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.threads is None or self.threads >= 1, "threads must be at least 1"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -190,9 +199,11 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     if resume and not run_dir.is_dir():
         raise InputError(run_dir, "no such run directory to resume")
     device = resolve_device(train_config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    threads = plan_threads(train_config.threads, train_config.num_workers)
+    train_config = replace(train_config, num_workers=threads.workers)
     group = _ProcessGroup.start(device)
     try:
-        with stop_on_signals():
+        with stop_on_signals(), torch_threads(threads.threads):
             try:
                 checkpoint = _checkpoint_to_resume(run_dir) if resume else None
                 if checkpoint is not None:
