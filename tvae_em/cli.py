@@ -32,6 +32,13 @@ _SHARD = click.option("--shard", metavar="I/N",
                        help="Process only shard I of N (0-based), a contiguous block of rows; combine the "
                             "parts with 'tvae-em merge'.")
 
+_INDEX_FILES = ("a text file of integers separated by whitespace or commas, a .npy array or a .pkl as cryoDRGN "
+                "writes its --ind files")
+_IND = click.option("--ind", "--indices", "indices_file", type=click.Path(dir_okay=False),
+                    help=f"Use only the particles of these 0-based rows of STAR ({_INDEX_FILES}); the output holds "
+                         "only their rows, in input order, as 'tvae-em subset --ind' writes them. --shard divides "
+                         "them.")
+
 
 def _parse_shard(text):
     if text is None:
@@ -164,11 +171,14 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
                    "the start).")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Random validation fraction (seeded).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--ind", "--indices", "indices_file", type=click.Path(dir_okay=False),
+              help=f"Train only on the particles of these 0-based rows of STAR ({_INDEX_FILES}). The run records "
+                   "them (split.npz: input_rows); --resume uses them again and refuses others.")
 @_DEVICE
 @_AMP
 @_DATADIR
 @click.pass_context
-def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
+def train(ctx, star, run_dir, resume_dir, datadir, device, indices_file, **options):
     """Train TARGET-VAE on preprocessed particles.
 
     Reads a particle STAR (or .mrcs); writes RUN/checkpoint_last.pt, checkpoint_best.pt, log.csv,
@@ -180,6 +190,7 @@ def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
       tvae-em train prep/particles.star -o run/ --z-dim 2 --epochs 100
       tvae-em train prep/particles.star --resume run/
       tvae-em train prep/particles.star --resume run/ --epochs 40
+      tvae-em train prep/particles.star -o run2/ --ind good.pkl
     """
     from tvae_em import train as training
 
@@ -187,14 +198,16 @@ def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
         raise UsageError("give exactly one of -o RUN (new run) or --resume RUN")
     if resume_dir:
         requested = {key: value for key, value in options.items() if _given(ctx, key)}
-        training.resume_from_star(star, resume_dir, {**requested, "device": device}, datadir=datadir)
+        training.resume_from_star(star, resume_dir, {**requested, "device": device}, datadir=datadir,
+                                  indices_file=indices_file)
         return
     given = {key: options.pop(key) for key in _TRAIN_KEYS}
     train_config = training.TrainConfig.preset(options.pop("preset"), device=device,
                                                **{key: value for key, value in given.items() if value is not None})
     ctf = options.pop("ctf")
     model_options = {key: value for key, value in options.items() if value is not None}
-    training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf)
+    training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf,
+                             indices_file=indices_file)
 
 
 _TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp")
@@ -217,12 +230,14 @@ def _given(ctx, name: str) -> bool:
               help="Clustering: agglomerative Ward (the paper's) or k-means.")
 @click.option("--class-number", type=click.Choice(["keep", "replace"]), default="keep", show_default=True,
               help=_CLASS_NUMBER_HELP)
+@_IND
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
 @_DATADIR
-def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_size, device, amp, datadir):
+def embed(run_dir, star, out_star, clusters, method, class_number, indices_file, shard, batch_size, device, amp,
+          datadir):
     """Write each particle's rotation/translation-invariant latent z into its STAR row.
 
     Reads a trained RUN folder and a particle STAR; writes OUT (input columns unchanged plus _tvaeZ01..,
@@ -236,7 +251,8 @@ def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_
     from tvae_em import infer
 
     path = infer.embed(run_dir, star, out_star, clusters=clusters, method=method, shard=_parse_shard(shard),
-                       batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number)
+                       batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number,
+                       indices_file=indices_file)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -249,12 +265,13 @@ def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_
               help="For a STAR from a 3-D refinement (rlnAngleRot/Tilt present): write the in-plane pose to "
                    "rlnAnglePsi and rlnOriginX/YAngst instead of keeping the refinement's and writing "
                    "_tvaeAnglePsi, _tvaeOriginX/YAngst.")
+@_IND
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
 @_DATADIR
-def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp, datadir):
+def pose(run_dir, star, out_star, replace_angles, indices_file, shard, batch_size, device, amp, datadir):
     """Infer each particle's in-plane rotation and shift, in RELION's convention.
 
     Reads a trained RUN folder and a particle STAR; writes OUT with rlnAnglePsi (deg), rlnOriginXAngst,
@@ -269,7 +286,8 @@ def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp
     from tvae_em import infer
 
     path = infer.pose(run_dir, star, out_star, shard=_parse_shard(shard), batch_size=batch_size,
-                      device=device, amp=amp, datadir=datadir, replace_angles=replace_angles)
+                      device=device, amp=amp, datadir=datadir, replace_angles=replace_angles,
+                      indices_file=indices_file)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -345,8 +363,7 @@ def averages(star, out_dir, class_column, ctf, wiener_constant, batch_size, data
 @click.option("--classes", help="Class numbers to keep, e.g. 1,3 or 2-4.")
 @_CLASS_COLUMN
 @click.option("--indices", "--ind", "indices_file", type=click.Path(dir_okay=False),
-              help="0-based row indices to keep: a text file (whitespace or commas), a .npy array or a .pkl as "
-                   "cryoDRGN writes its --ind files.")
+              help=f"0-based row indices to keep: {_INDEX_FILES}.")
 @click.option("--z-range", "z_ranges", multiple=True, metavar="DIM:LOW:HIGH",
               help="Keep particles whose latent _tvaeZ<DIM> (1-based) lies in [LOW, HIGH]; an empty bound is "
                    "open. Repeat for a box.")
