@@ -86,12 +86,16 @@ def cli(ctx, debug):
 @click.option("--micrographs", help="Glob of the micrograph MRC files the picks refer to, e.g. 'mics/*.mrc'.")
 @click.option("--box", "extract_box", type=int, help="Box size (pixels) to extract around each pick.")
 @click.option("--threshold", type=float, help="Keep only picks with score at or above this value.")
+@click.option("--pick-scale", type=float, default=1.0, show_default=True,
+              help="Multiply the pick coordinates by this factor: picks made on micrographs downsampled by it "
+                   "(as Topaz's -x/--up-scale does; e.g. 8 after 'topaz preprocess -s 8'). The output STAR holds "
+                   "the scaled coordinates.")
 @click.option("--apix", type=float,
               help="Pixel size of the input images in Angstrom, replacing a wrong or missing one of the STAR file "
                    "(every optics group) or the MRC headers; the output carries it (times the -D cropping factor).")
 @_DATADIR
 def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, micrographs, extract_box, threshold,
-               apix, datadir):
+               pick_scale, apix, datadir):
     """Prepare particles for training: one float32 stack plus a RELION 3.1 STAR.
 
     Reads a RELION/Topaz particle STAR (or a plain .mrcs) with its stacks, or Topaz picks with their
@@ -101,6 +105,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
     Examples:
       tvae-em preprocess particles.star -o prep/ -D 100 --invert
       tvae-em preprocess --picks picks.txt --micrographs 'mics/*.mrc' --box 256 -D 64 -o prep/
+      tvae-em preprocess --picks binned8.txt --pick-scale 8 --micrographs 'mics/*.mrc' --box 256 -o prep/
     """
     from tvae_em import preprocess as prep
 
@@ -111,7 +116,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
         if phase_flip:
             raise UsageError("--phase-flip needs defocus values, which Topaz picks do not carry")
         path = prep.preprocess_picks(picks, micrographs, extract_box, out_dir, threshold=threshold,
-                                     downsample=box, pixel_size=apix, **options)
+                                     downsample=box, pixel_size=apix, pick_scale=pick_scale, **options)
     elif star:
         path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip,
                                     pixel_size=apix, **options)
