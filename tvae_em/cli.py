@@ -400,8 +400,13 @@ def subset(star, out_star, classes, class_column, indices_file, z_ranges, datadi
               help="Output folder: rendered.mrcs, rendered.star, montage.png.")
 @click.option("--z", "z_text", help="Latent points 'a,b;c,d' (one point per ';').")
 @click.option("--z-file", type=click.Path(exists=True, dir_okay=False),
-              help="Latents from .npy/.npz/.csv or a STAR with _tvaeZ.. columns.")
-@click.option("--grid", type=int, help="n x n traversal of a 2-D latent space (like the paper's figures).")
+              help="Latents from .npy/.npz/.csv or a STAR with _tvaeZ.. columns (as 'embed' writes). With --grid "
+                   "they set its range (see --grid).")
+@click.option("--grid", type=int,
+              help="n x n traversal of z1 (left to right) and z2 (top to bottom, decreasing), like the paper's "
+                   "figures: over the 1st to 99th percentile of the latents of --z-file (e.g. an embedded STAR) "
+                   "or --z, with any further dimensions at their median; without them over -2..2 (the prior's "
+                   "+-2 std), further dimensions at 0.")
 @click.option("--centers-from", type=click.Path(exists=True, dir_okay=False),
               help="An embedded STAR with _tvaeCluster: render each cluster's mean latent.")
 @click.option("--theta", "theta_deg", default=0.0, show_default=True, help="In-plane rotation (degrees).")
@@ -411,11 +416,12 @@ def subset(star, out_star, classes, class_column, indices_file, z_ranges, datadi
 def render(run_dir, out_dir, z_text, z_file, grid, centers_from, theta_deg, shift_px, device):
     """Generate images from the trained generator for chosen latents and poses.
 
-    Reads a trained RUN folder; writes OUT/rendered.mrcs, OUT/rendered.star and OUT/montage.png.
+    Reads a trained RUN folder; writes OUT/rendered.mrcs, OUT/rendered.star (one row per image with its latent,
+    _tvaeZ01.., and pose) and OUT/montage.png (each panel captioned with its latent).
 
     \b
     Example:
-      tvae-em render run/ -o render/ --grid 8
+      tvae-em render run/ -o render/ --grid 8 --z-file embedded.star
       tvae-em render run/ -o centres/ --centers-from embedded.star
     """
     from tvae_em import render as rendering
