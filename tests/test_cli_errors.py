@@ -669,6 +669,19 @@ def embed_stack_as_a_shard(folder):
 
 
 @input_as_output
+def pose_index_file(folder):
+    write(folder / "ind.txt", "0 2 4\n")
+    return infer_command("pose", "ind.txt", "--ind", "ind.txt")
+
+
+@input_as_output
+def train_index_file(folder):
+    write(folder / "ind.txt", "0 1 2 3 4\n")
+    linked("ind.txt", "run2/log.csv")
+    return train_command("particles.star", "--ind", "ind.txt")
+
+
+@input_as_output
 def merge_shard(folder):
     return ["merge", *embedded_shards(folder), "-o", "embedded.shard1of2.npz"]
 

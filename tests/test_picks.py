@@ -4,6 +4,8 @@ import pytest
 
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.picks import PickedBoxes, box_corners, match_micrographs, read_picks
+from tvae_em.io.stack import open_particles
+from tvae_em.io.star import numeric_column, read_star
 
 TOPAZ_TABLE = ("image_name\tx_coord\ty_coord\tscore\n"
                "mic_001\t50\t30\t2.5\n"
@@ -98,3 +100,97 @@ def test_movies_are_not_micrographs(tmp_path, make_stack):
     path = make_stack("movie.mrcs", np.zeros((3, 16, 16), np.float32))
     with pytest.raises(InputError, match="3 sections; expected one"):
         PickedBoxes([path], np.zeros(1, dtype=np.int64), [8.0], [8.0], 4)
+
+
+# --- picks made on binned micrographs, and picks whose box crosses the edge (issue 14) ------------------------
+
+# particles at these full-size (x, y) positions; Topaz picked them on the micrographs binned by 4
+PARTICLES = {"m1": [(60, 40), (100, 72)], "m2": [(32, 48)]}
+BIN = 4
+EDGE_PICKS = {"m1": (1, 10), "m2": (31, 23)}  # binned; times 4: (4, 40) and (124, 92), boxes off 96 x 128 px
+
+
+def micrographs_with_particles(make_stack) -> dict:
+    """96 x 128 px micrographs of weak noise with a Gaussian blob (sigma 2 px) on every particle of PARTICLES."""
+    rng = np.random.default_rng(3)
+    rows, cols = np.mgrid[0:96, 0:128]
+    images = {}
+    for name, positions in PARTICLES.items():
+        image = 0.01 * rng.normal(size=(96, 128))
+        for x, y in positions:
+            image += np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / 8.0)
+        images[name] = image.astype(np.float32)
+        make_stack(f"mics/{name}.mrc", images[name], apix=1.1)
+    return images
+
+
+def topaz_picks(star: bool) -> str:
+    """The binned picks as Topaz writes them: its tab-separated table (image names without extension), or the
+    STAR file of 'topaz convert' (image names with it)."""
+    picks = [(name, x / BIN, y / BIN, 5.0) for name, positions in PARTICLES.items() for x, y in positions]
+    picks += [(name, x, y, 1.0) for name, (x, y) in EDGE_PICKS.items()]
+    if star:
+        return ("data_images\n\nloop_\n_rlnMicrographName\n_rlnCoordinateX\n_rlnCoordinateY\n"
+                "_rlnAutopickFigureOfMerit\n" + "".join(f"{n}.mrc {x:g} {y:g} {s}\n" for n, x, y, s in picks))
+    return "image_name\tx_coord\ty_coord\tscore\n" + "".join(f"{n}\t{x:g}\t{y:g}\t{s}\n" for n, x, y, s in picks)
+
+
+def preprocess_cli(argv, capsys) -> tuple[int, list[str]]:
+    from tvae_em.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    return exited.value.code, [line for line in lines if line.strip() and "|" not in line]  # no progress bars
+
+
+@pytest.mark.parametrize("star", [False, True], ids=["topaz table", "topaz star"])
+def test_pick_scale_puts_binned_picks_on_their_particles(tmp_path, make_stack, capsys, monkeypatch, star):
+    monkeypatch.chdir(tmp_path)
+    images = micrographs_with_particles(make_stack)
+    (tmp_path / "picks.in").write_text(topaz_picks(star))
+    code, lines = preprocess_cli(["preprocess", "--picks", "picks.in", "--micrographs", "mics/*.mrc", "--box", "16",
+                                  "--pick-scale", str(BIN), "--normalize", "none", "-o", "prep"], capsys)
+    assert code == 0 and lines == ["note: 2 of 5 picks left out: their 16 px box crosses the edge of the "
+                                   "micrograph (on m1.mrc, m2.mrc)", "wrote prep/particles.star"]
+    out = read_star(tmp_path / "prep" / "particles.star")
+    expected = [(name, x, y) for name, positions in PARTICLES.items() for x, y in positions]
+    assert numeric_column(out, "particles", "rlnCoordinateX").tolist() == [x for _, x, _ in expected]
+    assert numeric_column(out, "particles", "rlnCoordinateY").tolist() == [y for _, _, y in expected]
+    extracted = open_particles(tmp_path / "prep" / "particles.star").read(np.arange(3))
+    for image, (name, x, y) in zip(extracted, expected, strict=True):
+        np.testing.assert_array_equal(image, images[name][y - 8:y + 8, x - 8:x + 8])
+        assert np.unravel_index(image.argmax(), image.shape) == (8, 8)  # the particle in the box centre
+
+
+def test_without_the_scale_binned_picks_miss_their_particles(tmp_path, make_stack, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    micrographs_with_particles(make_stack)
+    (tmp_path / "picks.txt").write_text(topaz_picks(star=False))
+    code, lines = preprocess_cli(["preprocess", "--picks", "picks.txt", "--micrographs", "mics/*.mrc", "--box", "16",
+                                  "--normalize", "none", "-o", "prep"], capsys)
+    assert code == 0 and lines == ["note: 1 of 5 picks left out: their 16 px box crosses the edge of the "
+                                   "micrograph (on m1.mrc)", "wrote prep/particles.star"]
+    extracted = open_particles(tmp_path / "prep" / "particles.star").read(np.arange(4))
+    assert extracted.max(axis=(1, 2)).max() < 0.5  # no particle in any box
+
+
+def test_edge_note_counts_micrographs_beyond_three(tmp_path, make_stack):
+    paths = [make_stack(f"m{i}.mrc", np.zeros((32, 32), np.float32)) for i in range(5)]
+    mic_id = np.array([0, 0, 1, 2, 3, 4])
+    x, y = np.array([16.0, 2.0, 30.0, 16.0, 1.0, 16.0]), np.array([16.0, 16.0, 16.0, 31.0, 1.0, 16.0])
+    boxes = PickedBoxes(paths, mic_id, x, y, box=8)
+    assert boxes.edge_note() == ("note: 4 of 6 picks left out: their 8 px box crosses the edge of the micrograph "
+                                 "(on 4 of 5 micrographs)")
+    assert PickedBoxes(paths, np.array([0]), [16.0], [16.0], box=8).edge_note() is None
+
+
+@pytest.mark.parametrize("scale", [0.0, -2.0, float("nan"), float("inf")])
+def test_pick_scale_must_be_a_positive_finite_number(tmp_path, scale):
+    path = tmp_path / "picks.txt"
+    path.write_text(TOPAZ_TABLE)
+    with pytest.raises(UsageError, match=rf"^--pick-scale {scale}: the coordinate scale must be a positive, finite"):
+        read_picks(path, scale=scale)
+    table, x, y = read_picks(path, threshold=0.0, scale=0.5)
+    assert table["rlnCoordinateX"].tolist() == ["25.0", "35.0", "47.5"] and y.tolist() == [15.0, 30.0, 10.0]

@@ -80,6 +80,46 @@ def test_grid_spans_the_prior_or_the_given_points(run, tmp_path):
     assert len(z) == 16
 
 
+def test_grid_of_a_3d_latent_space_spans_an_embedded_star_and_captions_its_panels(tmp_path, monkeypatch):
+    run_dir = save_run(tmp_path / "run3", z_dim=3)
+    model = checkpoint.load_model(run_dir)[0]
+    drawn = []  # what the montage is drawn with
+    montage = render.plots.montage_figure
+
+    def spy(path, images, titles=None, columns=None, captions=None):
+        drawn.append((images, columns, captions))
+        montage(path, images, titles, columns, captions)
+
+    monkeypatch.setattr(render.plots, "montage_figure", spy)
+    z_prior = latents_of(read_star(render.render(run_dir, tmp_path / "prior", grid=2, device="cpu")),
+                         names=render.z_columns(3))
+    np.testing.assert_allclose(z_prior, [[-2, 2, 0], [2, 2, 0], [-2, -2, 0], [2, -2, 0]])
+
+    points = np.random.default_rng(2).normal(size=(300, 3)) * [1.0, 2.0, 0.5] + [0.0, 1.0, -3.0]
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [1.7]})
+    particles = pd.DataFrame({"rlnImageName": [f"{i}@p.mrcs" for i in range(1, 301)], "rlnOpticsGroup": 1,
+                              **dict(zip(render.z_columns(3), points.T, strict=True))})
+    write_star(tmp_path / "embedded.star", new_relion31_star(optics, particles))
+    star = read_star(render.render(run_dir, tmp_path / "data", grid=3, z_file=tmp_path / "embedded.star",
+                                   device="cpu"))
+    z = latents_of(star, names=render.z_columns(3))
+    low, high = np.percentile(points[:, :2], render.GRID_PERCENTILES, axis=0)
+    np.testing.assert_allclose(z[:, 0], np.tile(np.linspace(low[0], high[0], 3), 3))
+    np.testing.assert_allclose(z[:, 1], np.repeat(np.linspace(high[1], low[1], 3), 3))
+    np.testing.assert_allclose(z[:, 2], np.median(points[:, 2]))
+    images, particles = rendered(tmp_path / "data")
+    np.testing.assert_allclose(images, decode(model, z), atol=1e-6)
+    assert particles.pixel_size == 1.7
+    drawn_images, columns, captions = drawn[-1]
+    np.testing.assert_array_equal(drawn_images, images)
+    assert columns == 3 and captions == [f"z ({a:.2f}, {b:.2f}, {c:.2f})" for a, b, c in z]
+
+
+def test_captions_show_the_first_three_coordinates():
+    assert render.latent_captions(np.array([[0.5, -1.234]])) == ["z (0.50, -1.23)"]
+    assert render.latent_captions(np.array([[1.0, 2.0, 3.0, 4.0]])) == ["z (1.00, 2.00, 3.00, ...)"]
+
+
 def test_cluster_centres_of_an_embedded_star(run, tmp_path):
     run_dir, model = run
     rng = np.random.default_rng(1)
@@ -130,6 +170,6 @@ def test_refuses_impossible_requests(run, tmp_path):
         render.render(run_dir, tmp_path / "a", device="cpu")
     with pytest.raises(UsageError, match="at most one"):
         render.render(run_dir, tmp_path / "b", z=[[0, 0]], centers_from=tmp_path / "x.star", device="cpu")
-    with pytest.raises(UsageError, match="2-D latent space"):
-        render.render(save_run(tmp_path / "run3", z_dim=3), tmp_path / "c", grid=3, device="cpu")
+    with pytest.raises(UsageError, match="needs at least 2 latent dimensions; this model has 1"):
+        render.render(save_run(tmp_path / "run1", z_dim=1), tmp_path / "c", grid=3, device="cpu")
     assert not any((tmp_path / d).exists() for d in "abc")

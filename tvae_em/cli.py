@@ -36,6 +36,13 @@ _SHARD = click.option("--shard", metavar="I/N",
                        help="Process only shard I of N (0-based), a contiguous block of rows; combine the "
                             "parts with 'tvae-em merge'.")
 
+_INDEX_FILES = ("a text file of integers separated by whitespace or commas, a .npy array or a .pkl as cryoDRGN "
+                "writes its --ind files")
+_IND = click.option("--ind", "--indices", "indices_file", type=click.Path(dir_okay=False),
+                    help=f"Use only the particles of these 0-based rows of STAR ({_INDEX_FILES}); the output holds "
+                         "only their rows, in input order, as 'tvae-em subset --ind' writes them. --shard divides "
+                         "them.")
+
 
 def _parse_shard(text):
     if text is None:
@@ -83,12 +90,16 @@ def cli(ctx, debug):
 @click.option("--micrographs", help="Glob of the micrograph MRC files the picks refer to, e.g. 'mics/*.mrc'.")
 @click.option("--box", "extract_box", type=int, help="Box size (pixels) to extract around each pick.")
 @click.option("--threshold", type=float, help="Keep only picks with score at or above this value.")
+@click.option("--pick-scale", type=float, default=1.0, show_default=True,
+              help="Multiply the pick coordinates by this factor: picks made on micrographs downsampled by it "
+                   "(as Topaz's -x/--up-scale does; e.g. 8 after 'topaz preprocess -s 8'). The output STAR holds "
+                   "the scaled coordinates.")
 @click.option("--apix", type=float,
               help="Pixel size of the input images in Angstrom, replacing a wrong or missing one of the STAR file "
                    "(every optics group) or the MRC headers; the output carries it (times the -D cropping factor).")
 @_DATADIR
 def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, micrographs, extract_box, threshold,
-               apix, datadir):
+               pick_scale, apix, datadir):
     """Prepare particles for training: one float32 stack plus a RELION 3.1 STAR.
 
     Reads a RELION/Topaz particle STAR (or a plain .mrcs) with its stacks, or Topaz picks with their
@@ -98,6 +109,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
     Examples:
       tvae-em preprocess particles.star -o prep/ -D 100 --invert
       tvae-em preprocess --picks picks.txt --micrographs 'mics/*.mrc' --box 256 -D 64 -o prep/
+      tvae-em preprocess --picks binned8.txt --pick-scale 8 --micrographs 'mics/*.mrc' --box 256 -o prep/
     """
     from tvae_em import preprocess as prep
 
@@ -108,7 +120,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
         if phase_flip:
             raise UsageError("--phase-flip needs defocus values, which Topaz picks do not carry")
         path = prep.preprocess_picks(picks, micrographs, extract_box, out_dir, threshold=threshold,
-                                     downsample=box, pixel_size=apix, **options)
+                                     downsample=box, pixel_size=apix, pick_scale=pick_scale, **options)
     elif star:
         path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip,
                                     pixel_size=apix, **options)
@@ -168,12 +180,15 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
                    "the start).")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Random validation fraction (seeded).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--ind", "--indices", "indices_file", type=click.Path(dir_okay=False),
+              help=f"Train only on the particles of these 0-based rows of STAR ({_INDEX_FILES}). The run records "
+                   "them (split.npz: input_rows); --resume uses them again and refuses others.")
 @_DEVICE
 @_AMP
 @_THREADS
 @_DATADIR
 @click.pass_context
-def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
+def train(ctx, star, run_dir, resume_dir, datadir, device, indices_file, **options):
     """Train TARGET-VAE on preprocessed particles.
 
     Reads a particle STAR (or .mrcs); writes RUN/checkpoint_last.pt, checkpoint_best.pt, log.csv,
@@ -185,6 +200,7 @@ def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
       tvae-em train prep/particles.star -o run/ --z-dim 2 --epochs 100
       tvae-em train prep/particles.star --resume run/
       tvae-em train prep/particles.star --resume run/ --epochs 40
+      tvae-em train prep/particles.star -o run2/ --ind good.pkl
     """
     from tvae_em import train as training
 
@@ -192,14 +208,16 @@ def train(ctx, star, run_dir, resume_dir, datadir, device, **options):
         raise UsageError("give exactly one of -o RUN (new run) or --resume RUN")
     if resume_dir:
         requested = {key: value for key, value in options.items() if _given(ctx, key)}
-        training.resume_from_star(star, resume_dir, {**requested, "device": device}, datadir=datadir)
+        training.resume_from_star(star, resume_dir, {**requested, "device": device}, datadir=datadir,
+                                  indices_file=indices_file)
         return
     given = {key: options.pop(key) for key in _TRAIN_KEYS}
     train_config = training.TrainConfig.preset(options.pop("preset"), device=device,
                                                **{key: value for key, value in given.items() if value is not None})
     ctf = options.pop("ctf")
     model_options = {key: value for key, value in options.items() if value is not None}
-    training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf)
+    training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf,
+                             indices_file=indices_file)
 
 
 _TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp", "threads")
@@ -222,13 +240,15 @@ def _given(ctx, name: str) -> bool:
               help="Clustering: agglomerative Ward (the paper's) or k-means.")
 @click.option("--class-number", type=click.Choice(["keep", "replace"]), default="keep", show_default=True,
               help=_CLASS_NUMBER_HELP)
+@_IND
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
 @_THREADS
 @_DATADIR
-def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_size, device, amp, threads, datadir):
+def embed(run_dir, star, out_star, clusters, method, class_number, indices_file, shard, batch_size, device, amp,
+          threads, datadir):
     """Write each particle's rotation/translation-invariant latent z into its STAR row.
 
     Reads a trained RUN folder and a particle STAR; writes OUT (input columns unchanged plus _tvaeZ01..,
@@ -243,7 +263,7 @@ def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_
 
     path = infer.embed(run_dir, star, out_star, clusters=clusters, method=method, shard=_parse_shard(shard),
                        batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number,
-                       threads=threads)
+                       indices_file=indices_file, threads=threads)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -256,13 +276,14 @@ def embed(run_dir, star, out_star, clusters, method, class_number, shard, batch_
               help="For a STAR from a 3-D refinement (rlnAngleRot/Tilt present): write the in-plane pose to "
                    "rlnAnglePsi and rlnOriginX/YAngst instead of keeping the refinement's and writing "
                    "_tvaeAnglePsi, _tvaeOriginX/YAngst.")
+@_IND
 @_SHARD
 @click.option("--batch-size", default=256, show_default=True)
 @_DEVICE
 @_AMP
 @_THREADS
 @_DATADIR
-def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp, threads, datadir):
+def pose(run_dir, star, out_star, replace_angles, indices_file, shard, batch_size, device, amp, threads, datadir):
     """Infer each particle's in-plane rotation and shift, in RELION's convention.
 
     Reads a trained RUN folder and a particle STAR; writes OUT with rlnAnglePsi (deg), rlnOriginXAngst,
@@ -277,7 +298,8 @@ def pose(run_dir, star, out_star, replace_angles, shard, batch_size, device, amp
     from tvae_em import infer
 
     path = infer.pose(run_dir, star, out_star, shard=_parse_shard(shard), batch_size=batch_size,
-                      device=device, amp=amp, datadir=datadir, replace_angles=replace_angles, threads=threads)
+                      device=device, amp=amp, datadir=datadir, replace_angles=replace_angles,
+                      indices_file=indices_file, threads=threads)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -353,8 +375,7 @@ def averages(star, out_dir, class_column, ctf, wiener_constant, batch_size, data
 @click.option("--classes", help="Class numbers to keep, e.g. 1,3 or 2-4.")
 @_CLASS_COLUMN
 @click.option("--indices", "--ind", "indices_file", type=click.Path(dir_okay=False),
-              help="0-based row indices to keep: a text file (whitespace or commas), a .npy array or a .pkl as "
-                   "cryoDRGN writes its --ind files.")
+              help=f"0-based row indices to keep: {_INDEX_FILES}.")
 @click.option("--z-range", "z_ranges", multiple=True, metavar="DIM:LOW:HIGH",
               help="Keep particles whose latent _tvaeZ<DIM> (1-based) lies in [LOW, HIGH]; an empty bound is "
                    "open. Repeat for a box.")
@@ -386,8 +407,13 @@ def subset(star, out_star, classes, class_column, indices_file, z_ranges, datadi
               help="Output folder: rendered.mrcs, rendered.star, montage.png.")
 @click.option("--z", "z_text", help="Latent points 'a,b;c,d' (one point per ';').")
 @click.option("--z-file", type=click.Path(exists=True, dir_okay=False),
-              help="Latents from .npy/.npz/.csv or a STAR with _tvaeZ.. columns.")
-@click.option("--grid", type=int, help="n x n traversal of a 2-D latent space (like the paper's figures).")
+              help="Latents from .npy/.npz/.csv or a STAR with _tvaeZ.. columns (as 'embed' writes). With --grid "
+                   "they set its range (see --grid).")
+@click.option("--grid", type=int,
+              help="n x n traversal of z1 (left to right) and z2 (top to bottom, decreasing), like the paper's "
+                   "figures: over the 1st to 99th percentile of the latents of --z-file (e.g. an embedded STAR) "
+                   "or --z, with any further dimensions at their median; without them over -2..2 (the prior's "
+                   "+-2 std), further dimensions at 0.")
 @click.option("--centers-from", type=click.Path(exists=True, dir_okay=False),
               help="An embedded STAR with _tvaeCluster: render each cluster's mean latent.")
 @click.option("--theta", "theta_deg", default=0.0, show_default=True, help="In-plane rotation (degrees).")
@@ -397,11 +423,12 @@ def subset(star, out_star, classes, class_column, indices_file, z_ranges, datadi
 def render(run_dir, out_dir, z_text, z_file, grid, centers_from, theta_deg, shift_px, device):
     """Generate images from the trained generator for chosen latents and poses.
 
-    Reads a trained RUN folder; writes OUT/rendered.mrcs, OUT/rendered.star and OUT/montage.png.
+    Reads a trained RUN folder; writes OUT/rendered.mrcs, OUT/rendered.star (one row per image with its latent,
+    _tvaeZ01.., and pose) and OUT/montage.png (each panel captioned with its latent).
 
     \b
     Example:
-      tvae-em render run/ -o render/ --grid 8
+      tvae-em render run/ -o render/ --grid 8 --z-file embedded.star
       tvae-em render run/ -o centres/ --centers-from embedded.star
     """
     from tvae_em import render as rendering

@@ -50,10 +50,10 @@ CLASS_COLUMN = "rlnClassNumber"  # RELION's class of a particle, which its subse
 # What embedding with clusters does to an input's own rlnClassNumber (an earlier classification); without one,
 # the clusters are written to it either way.
 CLASS_NUMBER_REQUESTS = ("keep", "replace")
-_SHARD_FORMAT = 2  # 2: embed shards record the class_number request
+_SHARD_FORMAT = 3  # 2: embed shards record the class_number request; 3: every shard its --ind file
 # What a shard's ``source`` holds, with the type of each value (``Results``), for both kinds and for 'embed'.
 _SOURCE_TYPES = {"kind": str, "star_path": str, "n_rows": int, "run_dir": str, "datadir": str,
-                 "star_sha256": str, "model_sha256": str}
+                 "indices": str, "star_sha256": str, "indices_sha256": str, "model_sha256": str}
 _KIND_SOURCE_TYPES = {"embed": {"clusters": int, "method": str, "class_number": str, "seed": int}, "pose": {}}
 
 
@@ -149,9 +149,10 @@ class Results:
     """New STAR columns for some rows of the input table, and the inputs and settings that produced them.
 
     ``columns`` maps STAR labels (without the leading underscore) to arrays aligned with ``rows``; ``source``
-    holds the kind ('embed' or 'pose'), the input STAR path and its row count, the run directory, the image
-    folder, the clustering request and, for shards, SHA-256 digests of the STAR and of the model checkpoint,
-    so that shards of different runs or inputs are never merged.
+    holds the kind ('embed' or 'pose'), the input STAR path, the ``--ind`` file ('' for none) and the number of
+    rows they give, the run directory, the image folder, the clustering request and, for shards, SHA-256 digests
+    of the STAR, of the ``--ind`` file ('' for none) and of the model checkpoint, so that shards of different
+    runs or inputs are never merged.
     """
 
     rows: np.ndarray
@@ -232,8 +233,11 @@ def merge_shards(shard_outputs, out_star, clusters=None, method=None, class_numb
         source = {**source, **clustering(request["clusters"] or None, request["method"], request["class_number"],
                                          request["seed"])}
     refuse_overwriting(output_paths(out_star, source["kind"]).values(),
-                       [*paths, source["star_path"], *run_files(source["run_dir"])])
+                       [*paths, source["star_path"], *([source["indices"]] if source["indices"] else []),
+                        *run_files(source["run_dir"])])
     check_unchanged(source["star_path"], source["star_sha256"], "the input STAR")
+    if source["indices"]:
+        check_unchanged(source["indices"], source["indices_sha256"], "the --ind file")
     rows = np.concatenate([part.rows for part in parts])
     _check_coverage(rows, source["n_rows"], paths, parts)
     order = np.argsort(rows, kind="stable")
@@ -288,7 +292,8 @@ def file_sha256(path) -> str:
 # --- embed and pose -----------------------------------------------------------------------------------------
 
 def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None, batch_size=256,
-          device="auto", datadir=None, seed=0, amp="auto", class_number="keep", threads=None) -> Path:
+          device="auto", datadir=None, seed=0, amp="auto", class_number="keep", indices_file=None,
+          threads=None) -> Path:
     """Semantic latents of every particle: ``_tvaeZ01..`` (posterior means of z at the MAP cell) and
     ``_tvaeZStd01..`` added to a copy of ``star_path``, ``<stem>_embedding.npz`` and ``<stem>_latent.png``.
 
@@ -296,15 +301,17 @@ def embed(run_dir, star_path, out_star, clusters=None, method="ward", shard=None
     ``_tvaeCluster`` 1..k, numbered by decreasing size, and the same numbers go to RELION's ``rlnClassNumber``;
     an input that has its own (an earlier classification) keeps it unless ``class_number`` is 'replace', and a
     note on stderr says which. With ``shard`` = (i, n) only the shard's rows are encoded and saved to
-    ``shard_output_path(out_star, shard)`` (returned); ``merge_shards`` does the rest.
+    ``shard_output_path(out_star, shard)`` (returned); ``merge_shards`` does the rest. With ``indices_file``
+    (cryoDRGN's ``--ind``) only the particles of the rows it lists are embedded, and the output holds only them,
+    in input order; shards divide those.
     """
     settings = {"kind": "embed", **clustering(clusters, method, class_number, seed)}
     return _run(run_dir, star_path, out_star, shard, settings, _embed_columns, batch_size=batch_size, device=device,
-                amp=amp, datadir=datadir, threads=threads)
+                amp=amp, datadir=datadir, indices_file=indices_file, threads=threads)
 
 
 def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto", datadir=None,
-         amp="auto", replace_angles=False, threads=None) -> Path:
+         amp="auto", replace_angles=False, indices_file=None, threads=None) -> Path:
     """In-plane poses of every particle in RELION's convention (``rlnAnglePsi``, ``rlnOriginXAngst``,
     ``rlnOriginYAngst``, replacing any the input had, with each particle's own pixel size) in a copy of
     ``star_path``, plus ``<stem>_poses.png``, and what the posterior says about their reliability:
@@ -320,31 +327,34 @@ def pose(run_dir, star_path, out_star, shard=None, batch_size=256, device="auto"
 
     An input from a 3-D refinement (``rlnAngleRot`` / ``rlnAngleTilt``) keeps its angles and origins: an
     in-plane psi would not mean the same thing beside them. The in-plane pose then goes to ``_tvaeAnglePsi``,
-    ``_tvaeOriginXAngst`` and ``_tvaeOriginYAngst``, unless ``replace_angles``. Sharding as in ``embed``.
+    ``_tvaeOriginXAngst`` and ``_tvaeOriginYAngst``, unless ``replace_angles``. Sharding and ``indices_file`` as
+    in ``embed``.
     """
     settings = {"kind": "pose", "replace_angles": bool(replace_angles)}
     return _run(run_dir, star_path, out_star, shard, settings, _pose_columns, batch_size=batch_size,
-                device=device, amp=amp, datadir=datadir, threads=threads)
+                device=device, amp=amp, datadir=datadir, indices_file=indices_file, threads=threads)
 
 
 def _run(run_dir, star_path, out_star, shard, settings, make_columns, *, batch_size, device, amp, datadir,
-         threads=None) -> Path:
+         indices_file=None, threads=None) -> Path:
     """Encode the (shard's) rows, turn the encodings into columns, then save the shard or finish the run."""
     star_path, out_star = Path(star_path).resolve(), Path(out_star)
+    indices = "" if indices_file is None else str(Path(indices_file).resolve())
     outputs = [shard_output_path(out_star, shard)] if shard else output_paths(out_star, settings["kind"]).values()
-    refuse_overwriting(outputs, [star_path, *run_files(run_dir)])
+    refuse_overwriting(outputs, [star_path, *([indices] if indices else []), *run_files(run_dir)])
     model, _ = load_model(run_dir, map_location=resolve_device(device))
-    particles = open_particles(star_path, datadir=datadir)
+    particles = open_particles(star_path, datadir=datadir, indices_file=indices or None)
     refuse_overwriting(outputs, particles.stack_paths)
     rows = shard_rows(len(particles), shard)
     encoded = encode_particles(model, particles, batch_size, device, rows, amp, threads)
-    source = {**settings, "star_path": str(star_path), "n_rows": len(particles),
+    source = {**settings, "star_path": str(star_path), "indices": indices, "n_rows": len(particles),
               "run_dir": str(Path(run_dir).resolve()),
               "datadir": "" if datadir is None else str(Path(datadir).resolve())}
     results = Results(rows=rows, columns=make_columns(encoded, particles, rows, settings), source=source)
     if shard is None:
         return _finish(results, out_star, model=model, particles=particles)
     results.source["star_sha256"] = file_sha256(star_path)
+    results.source["indices_sha256"] = file_sha256(indices) if indices else ""
     results.source["model_sha256"] = file_sha256(checkpoint_path(run_dir))
     path = shard_output_path(out_star, shard)
     results.save(path)
@@ -360,7 +370,8 @@ def _finish(results: Results, out_star, model=None, particles=None) -> Path:
     source = results.source
     outputs = output_paths(out_star, source["kind"])
     if particles is None:
-        particles = open_particles(source["star_path"], datadir=source["datadir"] or None)
+        particles = open_particles(source["star_path"], datadir=source["datadir"] or None,
+                                   indices_file=source["indices"] or None)
         refuse_overwriting(outputs.values(), particles.stack_paths)
     if source["kind"] == "embed" and model is None:
         checkpoint = checkpoint_path(source["run_dir"])

@@ -217,22 +217,29 @@ def _restacked(table: StarFile, block: str, stack_path: Path, out_box: int, scal
 
 def preprocess_picks(picks_path, micrographs_glob: str, box: int, out_dir, threshold: float | None = None,
                      downsample: int | None = None, normalize: str = "particle", invert: bool = False,
-                     mask: bool = False, chunk_size: int = 1024, pixel_size: float | None = None) -> Path:
+                     mask: bool = False, chunk_size: int = 1024, pixel_size: float | None = None,
+                     pick_scale: float = 1.0) -> Path:
     """Extract ``box`` x ``box`` particles around Topaz picks, Fourier-crop them to ``downsample`` pixels
     (optional), normalise, and write the stack and STAR file.  ``pixel_size`` (Angstrom) overrides the
-    micrographs' MRC header.  Returns the new STAR path."""
+    micrographs' MRC header; ``pick_scale`` multiplies the pick coordinates (picks made on micrographs binned by
+    it), and the output holds the scaled ones.  A note on stderr counts the picks whose box crosses the
+    micrograph's edge, which are left out.  Returns the new STAR path."""
     _check_options(normalize, chunk_size)
     _check_pixel_size(pixel_size)
     if box < 2 or box % 2:
         raise UsageError(f"the extraction box must be an even number of pixels, not {box}")
     out_box = _target_box(box, downsample)
-    table, x, y = read_picks(picks_path, threshold)
+    table, x, y = read_picks(picks_path, threshold, pick_scale)
     micrographs, mic_id = match_micrographs(picks_path, table["rlnMicrographName"], micrographs_glob)
     star_out, stack_out = _output_paths(out_dir, [picks_path, *micrographs])
     boxes = PickedBoxes(micrographs, mic_id, x, y, box)
     if not len(boxes):
+        scaled = f" at its coordinates times {pick_scale:g} (--pick-scale)" if pick_scale != 1 else ""
         raise InputError(picks_path, f"no pick left: {len(table)} pass the threshold, none has its "
-                         f"{box} px box inside its micrograph")
+                         f"{box} px box inside its micrograph{scaled}")
+    note = boxes.edge_note()
+    if note:
+        tqdm.write(note, file=sys.stderr)
     apix = pixel_size or boxes.micrograph_pixel_size
     if not apix > 0:
         warnings.warn(f"no pixel size in the micrograph headers; assuming {DEFAULT_PIXEL_SIZE} A",

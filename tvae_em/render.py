@@ -1,9 +1,11 @@
 """Draw images with the trained spatial generator (paper section 3.3.2) at chosen latents and poses.
 
 Latents come from an array, a file (npy, npz, csv or an embedded STAR with ``_tvaeZ`` columns), the cluster
-means of an embedded STAR, or a regular n x n traversal of a 2-D latent space. Every image is drawn with the
+means of an embedded STAR, or a regular n x n traversal of the first two latent dimensions: over the range of the
+particles' latents when they are given (an embedded STAR), else over the prior's. Every image is drawn with the
 same pose: the generator evaluated at x' = R(theta) (x - t), so the object appears rotated by -theta with its
-centre at ``shift_px``; the written STAR records that pose in RELION's convention (``tvae_em.poses``).
+centre at ``shift_px``; the written STAR records that pose in RELION's convention (``tvae_em.poses``) and each
+image's latent, which also captions its panel of the montage.
 """
 
 from dataclasses import dataclass
@@ -26,10 +28,12 @@ from tvae_em.memory import FLOAT_BYTES, check_fits
 from tvae_em.poses import model_to_relion
 
 CLUSTER_COLUMN = "tvaeCluster"
-# A traversal without given points spans +-2 prior standard deviations of p(z) = N(0, I).
+# A traversal without given points spans +-2 prior standard deviations of p(z) = N(0, I), the others at 0.
 PRIOR_SPAN_STD = 2.0
-# A traversal over given points spans these percentiles, so that a few outliers do not stretch it.
+# A traversal over given points spans these percentiles, so that a few outliers do not stretch it; the dimensions
+# it does not traverse stay at the points' median.
 GRID_PERCENTILES = (1.0, 99.0)
+CAPTION_DIMS = 3  # a montage panel's caption shows the first latent coordinates, up to this many
 STACK_NAME, STAR_NAME, MONTAGE_NAME = "rendered.mrcs", "rendered.star", "montage.png"
 
 
@@ -73,9 +77,10 @@ def render(run_dir, out_dir, z=None, z_file=None, grid=None, theta_deg=0.0, shif
     ``_tvaeZ..`` columns and pose) and ``montage.png``; returns the STAR path.
 
     Latents: ``z`` (k, Z), ``z_file``, or ``centers_from`` (each ``_tvaeCluster``'s mean latent, ordered by
-    cluster number). ``grid`` = n draws an n x n traversal of a 2-D latent space over the 1st-99th percentile
-    range of the given points, or +-2 std of the prior without them; it is laid out row-major with z2
-    decreasing downwards, as in a plot. ``apix`` (Å/px) labels the images; by default the (uniform) pixel
+    cluster number). ``grid`` = n draws an n x n traversal of z1 and z2 (``traversal``) over the 1st-99th
+    percentile range of the points of ``z`` or ``z_file`` (an embedded STAR: the particles' latents), or +-2 std
+    of the prior without them; it is laid out row-major with z2 decreasing downwards, as in a plot. Each panel of
+    the montage is captioned with its latent. ``apix`` (Å/px) labels the images; by default the (uniform) pixel
     size of a given STAR file, else 1. The three outputs appear together or not at all.
     """
     out_dir = Path(out_dir)
@@ -97,8 +102,14 @@ def render(run_dir, out_dir, z=None, z_file=None, grid=None, theta_deg=0.0, shif
     with atomic_paths(*outputs) as (stack_tmp, star_tmp, montage_tmp):
         write_stack(stack_tmp, images, apix)
         write_star(star_tmp, rendered_star(source, theta_rad, t_model, size, apix, relion_path(outputs[0])))
-        plots.montage_figure(montage_tmp, images, titles, columns=grid)
+        plots.montage_figure(montage_tmp, images, titles, columns=grid, captions=latent_captions(source.z))
     return outputs[1]
+
+
+def latent_captions(z) -> list[str]:
+    """'z (0.52, -1.30)': each latent's first ``CAPTION_DIMS`` coordinates (all are in rendered.star)."""
+    more = ", ..." if z.shape[1] > CAPTION_DIMS else ""
+    return [f"z ({', '.join(f'{v:.2f}' for v in point[:CAPTION_DIMS])}{more})" for point in z]
 
 
 def _check_images_fit(count: int, size: int) -> None:
@@ -127,19 +138,25 @@ def choose_latents(z_dim, z=None, z_file=None, grid=None, centers_from=None) -> 
 
 
 def traversal(points, n, z_dim) -> np.ndarray:
-    """n x n latents on a regular grid over a 2-D latent space, row-major, z2 decreasing along rows."""
-    if z_dim != 2:
-        raise UsageError(f"a grid traversal needs a 2-D latent space; this model has {z_dim} dimensions")
+    """n x n latents on a regular grid over z1 and z2, row-major, z2 decreasing along rows: over the
+    ``GRID_PERCENTILES`` range of ``points`` (k, Z) with every other dimension at their median, or without points
+    over +-``PRIOR_SPAN_STD`` with the others at 0 (the prior's median)."""
+    if z_dim < 2:
+        raise UsageError(f"a grid traversal needs at least 2 latent dimensions; this model has {z_dim} (render "
+                         "chosen latents with --z or --z-file instead)")
     if n < 1:
         raise UsageError(f"grid size must be at least 1, got {n}")
     if points is None:
-        low, high = np.full(2, -PRIOR_SPAN_STD), np.full(2, PRIOR_SPAN_STD)
+        low, high, centre = np.full(2, -PRIOR_SPAN_STD), np.full(2, PRIOR_SPAN_STD), np.zeros(z_dim)
     else:
-        low, high = np.percentile(points, GRID_PERCENTILES, axis=0)
+        low, high = np.percentile(points[:, :2], GRID_PERCENTILES, axis=0)
+        centre = np.median(points, axis=0)
     z1 = np.linspace(low[0], high[0], n)
     z2 = np.linspace(high[1], low[1], n)
     rows, cols = np.meshgrid(z2, z1, indexing="ij")
-    return np.column_stack([cols.ravel(), rows.ravel()])
+    grid = np.tile(centre, (n * n, 1))
+    grid[:, 0], grid[:, 1] = cols.ravel(), rows.ravel()
+    return grid
 
 
 def load_latents(path, z_dim) -> Latents:

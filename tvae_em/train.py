@@ -32,7 +32,8 @@ the ranks, so the effective batch stays ``batch_size``. Only rank 0 writes files
 stops at once; torchrun forwards signals to every rank and ends the others when one exits.
 
 Files in ``run_dir``, each written atomically (rank 0 only):
-    split.npz           0-based particle indices of the training and validation sets, written once
+    split.npz           0-based particle indices of the training and validation sets, and the rows of the input
+                        they index (``input_rows``: all, or those chosen by ``--ind``), written once
     checkpoint_last.pt  everything needed to continue after the last complete epoch
     checkpoint_best.pt  the same, for the epoch with the best monitored loss (what ``load_model`` returns)
     log.csv             one row per epoch; reconstruction and KL columns are training-epoch means
@@ -207,8 +208,7 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
             try:
                 checkpoint = _checkpoint_to_resume(run_dir) if resume else None
                 if checkpoint is not None:
-                    model_config = _check_resumable(checkpoint, run_dir, model_config, train_config,
-                                                    len(particles))
+                    model_config = _check_resumable(checkpoint, run_dir, model_config, train_config, particles)
                     done = _nothing_to_do(checkpoint, train_config)
                     if done:
                         if train_config.progress and group.rank == 0:
@@ -226,8 +226,9 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
 
 
 def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options: dict | None = None,
-                    datadir=None, resume: bool = False, ctf: str = "auto") -> TrainResult:
-    """``train`` on the particles of a RELION/Topaz STAR file; the model's image size is the particle box.
+                    datadir=None, resume: bool = False, ctf: str = "auto", indices_file=None) -> TrainResult:
+    """``train`` on the particles of a RELION/Topaz STAR file (only those of the rows ``indices_file`` lists, when
+    given: ``open_particles``); the model's image size is the particle box.
 
     ``model_options`` are ModelConfig fields other than ``image_size`` and ``ctf``, which ``ctf_mode`` sets from
     the ``ctf`` request and the particles; when resuming without them the run's stored configuration is used.
@@ -237,8 +238,8 @@ def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options
     # imported here: train() itself works on any particle source, only this entry point reads STAR/MRCS
     from tvae_em.io.stack import open_particles
 
-    particles = open_particles(star_path, datadir=datadir)
-    refuse_overwriting(ckpt.run_files(run_dir)[1:], [star_path, *particles.stack_paths])
+    particles = open_particles(star_path, datadir=datadir, indices_file=indices_file)
+    refuse_overwriting(ckpt.run_files(run_dir)[1:], _inputs(star_path, particles, indices_file))
     if resume and model_options is None:
         model_config = None
     else:
@@ -250,7 +251,8 @@ def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options
     return train(model_config, train_config, particles, run_dir, resume=resume)
 
 
-def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=None) -> TrainResult:
+def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=None,
+                     indices_file=None) -> TrainResult:
     """Continue the run in ``run_dir`` on the particles of ``star_path`` with the settings it was started with.
 
     ``requested`` holds the options given again (TrainConfig and ModelConfig fields, ``preset``, ``ctf``):
@@ -258,14 +260,16 @@ def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=
     ``num_workers`` and ``progress`` are this invocation's (default: TrainConfig's), not the run's. Any other
     setting that differs from the run's (a ``preset`` whose batch size, learning rate or coarse-to-fine do, a
     ``ctf`` request that models the CTF otherwise) would change the optimisation or the model: UsageError naming
-    each; one equal to the run's is accepted. UsageError too for a run folder without a completed epoch, whose
-    settings are unknown.
+    each; one equal to the run's is accepted. The particles are those of the rows the run was trained on
+    (``--ind``); an ``indices_file`` that lists other rows is refused the same way. UsageError too for a run
+    folder without a completed epoch, whose settings are unknown.
     """
+    from tvae_em.io.indices import read_row_indices
     from tvae_em.io.stack import open_particles
 
     requested, run_dir = dict(requested or {}), Path(run_dir)
     particles = open_particles(star_path, datadir=datadir)
-    refuse_overwriting(ckpt.run_files(run_dir)[1:], [star_path, *particles.stack_paths])
+    refuse_overwriting(ckpt.run_files(run_dir)[1:], _inputs(star_path, particles, indices_file))
     path = run_dir / ckpt.LAST
     if not run_dir.is_dir():
         raise InputError(run_dir, "no such run directory to resume")
@@ -275,11 +279,45 @@ def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=
     checkpoint = ckpt.read_checkpoint(path)
     model_config, train_config = ckpt.model_config_from(checkpoint, path), _stored_train_config(checkpoint, path)
     conflicts = _resume_conflicts(train_config, model_config, requested, particles)
+    run_rows = _run_rows(checkpoint, path, len(particles))
+    if indices_file is not None and not _same_rows(read_row_indices(indices_file, len(particles), star_path),
+                                                   run_rows):
+        conflicts.append(f"--ind {indices_file} (the run's particles: {_rows_text(run_rows, len(particles))})")
     if conflicts:
         raise UsageError(f"cannot resume {run_dir} with {'; '.join(conflicts)}: only --epochs (the new total), "
                          "--device and --amp may change; start a new run (-o) to train otherwise")
+    if run_rows is not None:
+        particles = particles.subset(run_rows)
     changes = {key: requested[key] for key in TrainConfig.RESUMABLE_CHANGES if key in requested}
     return train(model_config, replace(train_config, **changes), particles, run_dir, resume=True)
+
+
+def _inputs(star_path, particles, indices_file) -> list:
+    """The files a run folder must not replace."""
+    return [star_path, *particles.stack_paths, *([indices_file] if indices_file is not None else [])]
+
+
+def _run_rows(checkpoint: dict, path, n_rows: int | None = None) -> np.ndarray | None:
+    """The rows of its input the run was trained on (``--ind``), None for all; UsageError when they go beyond an
+    input of ``n_rows`` particles."""
+    rows = checkpoint.get("particle_rows")  # runs from before --ind: all rows
+    if rows is None:
+        return None
+    if not isinstance(rows, torch.Tensor) or rows.ndim != 1 or rows.dtype != torch.int64:
+        raise InputError(path, "malformed checkpoint: particle_rows is not a list of row indices")
+    if n_rows is not None and rows.numel() and int(rows.max()) >= n_rows:
+        raise UsageError(f"{path.parent} was trained on rows up to {int(rows.max())} (0-based, --ind) of its "
+                         f"input, but this input has {n_rows} particles")
+    return rows.numpy()
+
+
+def _same_rows(rows: np.ndarray | None, run_rows: np.ndarray | None) -> bool:
+    return (rows is None and run_rows is None) or (rows is not None and run_rows is not None
+                                                   and np.array_equal(rows, run_rows))
+
+
+def _rows_text(rows: np.ndarray | None, n_rows: int) -> str:
+    return f"all {n_rows} of the input" if rows is None else f"{len(rows)} rows chosen by --ind"
 
 
 def _stored_train_config(checkpoint: dict, path) -> TrainConfig:
@@ -354,6 +392,7 @@ class _Trainer:
     def __init__(self, model_config, config: TrainConfig, particles, run_dir: Path, resume: bool,
                  checkpoint: dict | None, device: torch.device, group: "_ProcessGroup"):
         self.config, self.particles, self.run_dir = config, particles, run_dir
+        self.rows = getattr(particles, "rows", None)  # the input rows of a Particles.subset (--ind), None for all
         self.device, self.group = device, group
         self.writes = group.rank == 0
         self.amp = bf16_autocast_enabled(config.amp, device)
@@ -410,6 +449,7 @@ class _Trainer:
             "scheduler_state": self.scheduler.state_dict(), "epoch": self.epoch,
             "best_epoch": self.best_epoch, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs,
             "stop_reason": self.stop_reason, "history": self.history, "n_particles": len(self.particles),
+            "particle_rows": None if self.rows is None else torch.from_numpy(np.asarray(self.rows, np.int64)),
             "band_epochs": self.band_epochs,
             "rng": ckpt.capture_rng_state(),
         }
@@ -592,6 +632,7 @@ class _Trainer:
     def _write_split(self) -> None:
         with atomic_path(self.run_dir / ckpt.SPLIT) as tmp:
             np.savez(tmp, train=self.train_idx, val=self.val_idx, n_particles=len(self.particles),
+                     input_rows=np.arange(len(self.particles)) if self.rows is None else self.rows,
                      seed=self.config.seed, val_fraction=self.config.val_fraction)
 
     def _kept(self) -> str:
@@ -610,8 +651,7 @@ def _checkpoint_to_resume(run_dir: Path) -> dict | None:
     return ckpt.read_checkpoint(path) if path.exists() else None
 
 
-def _check_resumable(checkpoint: dict, run_dir: Path, model_config, config: TrainConfig,
-                     n_particles: int) -> ModelConfig:
+def _check_resumable(checkpoint: dict, run_dir: Path, model_config, config: TrainConfig, particles) -> ModelConfig:
     """The stored model configuration, after checking the checkpoint's training state, and the request and the
     data against the run."""
     path = run_dir / ckpt.LAST
@@ -623,9 +663,11 @@ def _check_resumable(checkpoint: dict, run_dir: Path, model_config, config: Trai
     if model_config is not None:
         _refuse_changes("model", stored_model.to_dict(), model_config.to_dict(), ())
     _refuse_changes("training", checkpoint["train_config"], config.to_dict(), TrainConfig.RESUMABLE_CHANGES)
-    if checkpoint["n_particles"] != n_particles:
+    if not _same_rows(getattr(particles, "rows", None), _run_rows(checkpoint, path)):
+        raise UsageError(f"{run_dir} was trained on other rows of its input than these particles (--ind)")
+    if checkpoint["n_particles"] != len(particles):
         raise UsageError(f"{run_dir} was trained on {checkpoint['n_particles']} particles, the input has "
-                         f"{n_particles}")
+                         f"{len(particles)}")
     return stored_model
 
 

@@ -4,10 +4,12 @@ Two formats are read: Topaz's tab-separated table (``image_name x_coord y_coord 
 output (``rlnMicrographName rlnCoordinateX rlnCoordinateY rlnAutopickFigureOfMerit``).  Both become one
 text table with the RELION labels, other columns kept.  Coordinates are micrograph pixels: x is the
 column, y the row; the box of size B around a pick has its centre pixel (B//2, B//2) on
-(round(y), round(x)), as RELION extracts it.
+(round(y), round(x)), as RELION extracts it. Picks made on micrographs downsampled by a factor F (Topaz usually
+picks on binned micrographs) have their coordinates multiplied by F, as ``topaz convert -x F`` does.
 """
 
 import glob
+import math
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,16 +19,21 @@ import pandas as pd
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.files import regular_file
 from tvae_em.io.mrc import MrcHeader, map_data, read_mrc_header, warn_unstamped
-from tvae_em.io.star import StarBlock, StarFile, numeric_column, read_star
+from tvae_em.io.star import StarBlock, StarFile, format_values, numeric_column, read_star
 
 TOPAZ_TO_RELION = {"image_name": "rlnMicrographName", "x_coord": "rlnCoordinateX",
                    "y_coord": "rlnCoordinateY", "score": "rlnAutopickFigureOfMerit"}
 SCORE = "rlnAutopickFigureOfMerit"
 _REQUIRED = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
+_NAMED_MICROGRAPHS = 3  # a note names up to this many micrographs, and counts them beyond
 
 
-def read_picks(path, threshold: float | None = None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Picks with score >= ``threshold``: (text table with RELION labels, x (n,), y (n,)) in file order."""
+def read_picks(path, threshold: float | None = None,
+               scale: float = 1.0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Picks with score >= ``threshold``: (text table with RELION labels, x (n,), y (n,)) in file order, the
+    coordinates (and their cells) multiplied by ``scale``: picks made on micrographs downsampled by ``scale``."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"--pick-scale {scale}: the coordinate scale must be a positive, finite number")
     path = regular_file(path)
     star = read_star(path) if _looks_like_star(path) else _read_topaz_table(path)
     block = next((name for name, item in star.blocks.items()
@@ -46,6 +53,9 @@ def read_picks(path, threshold: float | None = None) -> tuple[pd.DataFrame, np.n
             raise UsageError(f"a score threshold was given but {path} has no score column")
         keep = numeric_column(star, block, SCORE) >= threshold
         table, x, y = table[keep].reset_index(drop=True), x[keep], y[keep]
+    if scale != 1:
+        x, y = x * scale, y * scale
+        table = table.assign(rlnCoordinateX=format_values(x), rlnCoordinateY=format_values(y))
     return table, x, y
 
 
@@ -121,10 +131,22 @@ class PickedBoxes:
         widths = np.array([h.shape[2] for h in self.headers])[mic_id]
         self.kept = (rows >= 0) & (cols >= 0) & (rows + box <= heights) & (cols + box <= widths)
         self._mic, self._rows, self._cols = mic_id[self.kept], rows[self.kept], cols[self.kept]
+        self._dropped_on = np.unique(mic_id[~self.kept])
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._mic)
+
+    def edge_note(self) -> str | None:
+        """One line on the picks left out because their box crosses the micrograph's edge (None if none is)."""
+        dropped = len(self.kept) - len(self)
+        if not dropped:
+            return None
+        mics = self._dropped_on
+        where = (", ".join(self.headers[m].path.name for m in mics) if len(mics) <= _NAMED_MICROGRAPHS
+                 else f"{len(mics)} of {len(self.headers)} micrographs")
+        return (f"note: {dropped} of {len(self.kept)} picks left out: their {self.box} px box crosses the edge of "
+                f"the micrograph (on {where})")
 
     @property
     def micrograph_pixel_size(self) -> float:

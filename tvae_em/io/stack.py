@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from tvae_em.errors import InputError
+from tvae_em.io.indices import read_row_indices
 from tvae_em.io.mrc import MrcHeader, read_mrc_header, read_sections, warn_unstamped, write_stack
 from tvae_em.io.relion import ctf_parameters, ctf_phase_flipped, has_ctf, particle_pixel_sizes, to_relion31
 from tvae_em.io.star import StarFile, new_relion31_star, particles_block, read_star
@@ -30,8 +31,11 @@ class Particles:
 
     ``table`` is the StarFile to write results back with (``block`` names its particles table),
     ``pixel_sizes`` the per-particle pixel size in Angstrom and ``pixel_size`` the same as one float when
-    uniform.  Picklable (for data-loader workers): open files are not carried across.
+    uniform; ``rows`` is None, or for a ``subset`` the 0-based rows of the file's table that these particles are.
+    Picklable (for data-loader workers): open files are not carried across.
     """
+
+    rows: np.ndarray | None = None
 
     def __init__(self, table: StarFile, block: str, headers: list[MrcHeader], stack_id: np.ndarray,
                  slice_index: np.ndarray):
@@ -59,6 +63,15 @@ class Particles:
     def ctf_flipped(self) -> bool:
         """Whether the images were multiplied by the sign of their CTF (``preprocess --phase-flip``)."""
         return ctf_phase_flipped(self.table, self.block)
+
+    def subset(self, rows) -> "Particles":
+        """The particles of table rows ``rows`` (0-based, increasing) on their own: their table holds only those
+        rows (the optics and any other block kept whole), and its ``rows`` say which rows of the file they are."""
+        rows = np.asarray(rows, dtype=np.int64)
+        table = self.table.replace(self.block, self.table[self.block].iloc[rows].reset_index(drop=True))
+        chosen = Particles(table, self.block, self._headers, self._stack_id[rows], self._slice[rows])
+        chosen.rows = rows if self.rows is None else self.rows[rows]
+        return chosen
 
     @property
     def stack_paths(self) -> list[Path]:
@@ -124,10 +137,21 @@ class ArrayParticles:
         return self.images[np.asarray(indices)]
 
 
-def open_particles(path, datadir=None, pixel_size: float | None = None) -> Particles:
+def open_particles(path, datadir=None, pixel_size: float | None = None, indices_file=None) -> Particles:
     """Open a STAR file (RELION 3.0-5.0) or a plain MRC/MRCS stack, validating all references; ``pixel_size``
-    (Angstrom) replaces the one of the STAR file or the stack headers (``relion.to_relion31``)."""
-    path = Path(path)
+    (Angstrom) replaces the one of the STAR file or the stack headers (``relion.to_relion31``). ``indices_file``
+    (cryoDRGN's ``--ind``, ``io.indices.read_row_indices``) keeps only the particles of the 0-based rows it lists,
+    in file order (``Particles.subset``); InputError naming it when it lists none or a row the file lacks."""
+    particles = _open_all(Path(path), datadir, pixel_size)
+    if indices_file is None:
+        return particles
+    rows = read_row_indices(indices_file, len(particles), path)
+    if not rows.size:
+        raise InputError(indices_file, "lists no row index: no particle to use")
+    return particles.subset(rows)
+
+
+def _open_all(path: Path, datadir, pixel_size: float | None) -> Particles:
     if path.suffix.lower() != ".star":
         return _open_plain_stack(path, pixel_size)
     star = read_star(path)
