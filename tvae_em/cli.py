@@ -471,12 +471,11 @@ def demo(out_dir, particles, epochs, snr, seed, device):
 def main(argv=None):
     """Entry point: run the CLI, turning user errors into one stderr line and an exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
-    console.begin(["tvae-em", *args])
     debug = "--debug" in args
     if not debug:  # a warning is one line for the user, not a Python source location
         warnings.formatwarning = _one_line_warning
     try:
-        with stop_on_signals():
+        with console.invoked(["tvae-em", *args]), stop_on_signals():
             code = cli.main(args=argv, prog_name="tvae-em", standalone_mode=False)
     except click.UsageError as exc:  # click's own: unknown option, bad choice, missing argument
         where = exc.ctx.command_path if exc.ctx else "tvae-em"

@@ -1,7 +1,7 @@
 """What tvae-em tells the person running it: messages, details, progress, and the transcript of a run.
 
 Everything goes to stderr (stdout is left to what a pipe wants, such as the demo's report). The command line sets
-the verbosity once (``begin``, then ``set_level`` for ``-q`` / ``-v``); a library caller gets ``NORMAL``:
+the verbosity once (``invoked``, then ``set_level`` for ``-q`` / ``-v``); a library caller gets ``NORMAL``:
 
     note(...)      a message for the person; hidden by -q
     detail(...)    what a person checking a run wants to see (device, configurations, inputs); shown by -v only
@@ -46,9 +46,17 @@ class _State:
 _state = _State()
 
 
-def begin(command: list[str]) -> None:
-    """Start an invocation of the command line ``command`` (the program name first) at the NORMAL level."""
+@contextlib.contextmanager
+def invoked(command: list[str]):
+    """Inside the block the command line ``command`` (the program name first) runs, at the NORMAL level until
+    ``set_level``; the previous level and command line are restored after it (a caller in the same process, such
+    as a test, gets its own back)."""
+    previous = _state.level, _state.command
     _state.level, _state.command = NORMAL, list(command)
+    try:
+        yield
+    finally:
+        _state.level, _state.command = previous
 
 
 def set_level(level: int) -> None:

@@ -476,7 +476,7 @@ class _Trainer:
                        f"{len(self.val_idx)} for validation)")
         console.detail(f"device: {self._device_text()}")
         for name, settings in (("model", self.model.config.to_dict()), ("training", self.config.to_dict())):
-            console.detail(f"{name}: " + ", ".join(f"{key} {value}" for key, value in settings.items()))
+            console.detail(f"{name}: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
 
     def _lock(self):
         """Rank 0 alone writes the run, so it alone holds the folder's lock."""
