@@ -8,7 +8,6 @@ no output, complete or partial, left behind.
 import fcntl
 import hashlib
 import os
-import re
 import resource
 import shutil
 import signal
@@ -22,6 +21,7 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
+from console_lines import message_lines
 
 from tvae_em import checkpoint, infer, render
 from tvae_em.cli import main
@@ -38,7 +38,6 @@ TINY_MODEL = dict(image_size=BOX, rotations=4, z_dim=2, encoder_fields=4, encode
 TINY_TRAIN_OPTIONS = ["--rotations", "4", "--encoder-fields", "4", "--encoder-kernel", "5",
                       "--generator-width", "16", "--generator-depth", "1", "--fourier-features", "16",
                       "--batch-size", "8"]
-PROGRESS_RE = re.compile(r"^[\w ]+(/\d+)?: +\d+%\|")  # a tqdm bar: 'preprocess:  50%|#####     | 3/6 ...'
 OPTICS = ("data_optics\n\nloop_\n_rlnOpticsGroup\n_rlnOpticsGroupName\n_rlnImagePixelSize\n"
           "1 opticsGroup1 1.5\n")
 PARTICLE_LABELS = ("rlnImageName", "rlnOpticsGroup", "rlnMicrographName")
@@ -72,11 +71,6 @@ def snapshot(folder: Path) -> dict:
     """SHA-256 of every file under ``folder``: any created, changed or deleted file shows up."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def message_lines(stderr: str) -> list[str]:
-    """stderr lines (any Unicode line break splits) without the progress bars tqdm draws."""
-    return [line for line in stderr.splitlines() if line.strip() and not PROGRESS_RE.match(line)]
 
 
 def run_main(argv, capsys) -> tuple[int, str]:

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from console_lines import message_lines
 from relion_files import optics_block
 from tiny_run import BOX, TINY, save_run
 
@@ -320,13 +321,13 @@ def relion30_star(folder):
 
 
 def tvae_em(argv, capsys) -> tuple[int, list[str]]:
-    """Exit code and stderr lines (progress bars aside) of ``tvae-em argv`` on the CPU."""
+    """Exit code and stderr lines (progress lines aside) of ``tvae-em argv`` on the CPU."""
     from tvae_em.cli import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         main([*argv, "--device", "cpu"] if argv[0] != "merge" else argv)
-    return exited.value.code, [line for line in capsys.readouterr().err.splitlines() if "|" not in line]
+    return exited.value.code, message_lines(capsys.readouterr().err)
 
 
 def star_column(path, label):

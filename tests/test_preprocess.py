@@ -4,6 +4,7 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
+from console_lines import message_lines
 
 from tvae_em.errors import InputError, UsageError
 from tvae_em.preprocess import (
@@ -182,13 +183,13 @@ _rlnAnglePsi #11
 
 
 def tvae_em(argv, capsys) -> tuple[int, list[str]]:
-    """Exit code and stderr lines (progress bars aside) of ``tvae-em argv``."""
+    """Exit code and stderr lines (progress lines aside) of ``tvae-em argv``."""
     from tvae_em.cli import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         main(argv)
-    return exited.value.code, [line for line in capsys.readouterr().err.splitlines() if "|" not in line]
+    return exited.value.code, message_lines(capsys.readouterr().err)
 
 
 def test_apix_replaces_the_pixel_size_of_a_relion31_star_and_its_headers(tmp_path, particles_star, capsys):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from console_lines import message_lines
 from relion_files import optics_block
 
 from tvae_em import __version__
@@ -448,7 +449,11 @@ def test_sigterm_in_the_middle_of_a_long_batch_stops_within_seconds(tmp_path):
     assert time.monotonic() - signalled < 10
     assert process.returncode == EXIT_INTERRUPTED, stderr
     assert "SIGTERM received in epoch 1: stopped, the epoch was dropped; no epoch had completed" in stderr
-    assert sorted(path.name for path in tmp_path.iterdir()) == [ckpt.LOCK, ckpt.SPLIT]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([ckpt.LOCK, ckpt.SPLIT, ckpt.CONFIG,
+                                                                       ckpt.RUN_LOG])
+    last_logged = (tmp_path / ckpt.RUN_LOG).read_text().splitlines()[-1]
+    assert last_logged.endswith("error: SIGTERM received in epoch 1: stopped, the epoch was dropped; no epoch had "
+                                "completed; resume to continue")
 
 
 def test_a_signal_takes_effect_during_a_long_backward_pass():
@@ -604,8 +609,8 @@ def tvae_em(argv) -> int:
 
 
 def messages(capsys) -> list[str]:
-    """The stderr lines written since the last call, without progress bars."""
-    return [line for line in capsys.readouterr().err.splitlines() if "|" not in line]
+    """The stderr lines written since the last call, without progress lines."""
+    return message_lines(capsys.readouterr().err)
 
 
 def folder_bytes(folder: Path) -> dict:

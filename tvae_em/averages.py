@@ -20,16 +20,14 @@ Poses come from ``_rlnAnglePsi``, ``_rlnOriginXAngst`` and ``_rlnOriginYAngst`` 
 missing origin counts as 0, as in RELION. Classes come from ``subset.class_column``.
 """
 
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from tvae_em import plots
+from tvae_em import console, plots
 from tvae_em.ctf import in_aligned_frame, rfft_values, through_ctf
 from tvae_em.errors import InputError, UsageError
 from tvae_em.infer import CLASS_COLUMN, RELION_POSE, TVAE_POSE
@@ -75,7 +73,7 @@ def average_classes(particles, classes, psi_deg, origin_angst, apix, ctf_params=
     apix = np.broadcast_to(np.asarray(apix, dtype=np.float64), (n,))
     sums = np.zeros((len(numbers), box, box))
     ctf_squared = None if ctf_params is None else np.zeros((len(numbers), box, box // 2 + 1))
-    with tqdm(total=n, unit="particle", desc="averaging", file=sys.stderr, disable=not progress) as bar:
+    with console.progress(n, "averaging", "particle", enabled=progress) as bar:
         for start in range(0, n, batch_size):
             rows = np.arange(start, min(start + batch_size, n))
             images = particles.read(rows)
@@ -143,8 +141,8 @@ def class_averages(star_path, out_dir, class_column_label=None, ctf="auto", wien
         write_star(star_tmp, averages_star(result, apix, image_names(len(result.classes), outputs[0])))
         plots.montage_figure(gallery_tmp, result.images, captions=captions)
     how = "Wiener-filtered with their CTFs" if ctf_params is not None else "without CTF correction"
-    tqdm.write(f"averaged {len(classes)} particles in {len(result.classes)} classes of _{label}, aligned by "
-               f"_{pose_labels[0]} and its origins, {how}", file=sys.stderr)
+    console.note(f"averaged {len(classes)} particles in {len(result.classes)} classes of _{label}, aligned by "
+                 f"_{pose_labels[0]} and its origins, {how}")
     return outputs[1]
 
 

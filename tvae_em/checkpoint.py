@@ -28,8 +28,10 @@ BEST = "checkpoint_best.pt"
 LOG = "log.csv"
 CURVE = "learning_curve.png"
 SPLIT = "split.npz"
+CONFIG = "config.json"
+RUN_LOG = "run.log"
 LOCK = ".lock"
-RUN_FILES = (LAST, BEST, LOG, CURVE, SPLIT, LOCK)
+RUN_FILES = (LAST, BEST, LOG, CURVE, SPLIT, CONFIG, RUN_LOG, LOCK)
 # Every checkpoint's fields and their types, checked before anything is built from them.
 REQUIRED_FIELDS = {"format_version": int, "version": str, "model_config": dict, "train_config": dict,
                    "model_state": dict, "epoch": int}

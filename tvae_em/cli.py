@@ -11,7 +11,7 @@ import warnings
 import click
 from click.core import ParameterSource
 
-from tvae_em import __version__
+from tvae_em import __version__, console
 from tvae_em.errors import EXIT_INTERRUPTED, TvaeError, UsageError
 from tvae_em.interrupt import Stop, stop_on_signals
 
@@ -44,6 +44,31 @@ _IND = click.option("--ind", "--indices", "indices_file", type=click.Path(dir_ok
                          "them.")
 
 
+def _choose_level(ctx, param, value) -> None:
+    """-q / -v, before or after the command's name: sets the verbosity (both together are refused)."""
+    if not value:
+        return
+    level = console.QUIET if param.name == "quiet" else console.VERBOSE
+    if ctx.meta.setdefault("tvae_em.level", level) != level:
+        raise click.UsageError("-q and -v contradict each other: give one of them", ctx)
+    console.set_level(level)
+
+
+def _verbosity_options() -> list[click.Option]:
+    return [click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_choose_level,
+                         help="Only warnings and errors on stderr (no messages, no progress)."),
+            click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, callback=_choose_level,
+                         help="Also the details: device, configurations, input files.")]
+
+
+class _Command(click.Command):
+    """A subcommand that also takes -q / -v after its name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.extend(_verbosity_options())
+
+
 def _parse_shard(text):
     if text is None:
         return None
@@ -52,7 +77,7 @@ def _parse_shard(text):
     return parse_shard(text)
 
 
-@click.group(context_settings=_SETTINGS)
+@click.group(context_settings=_SETTINGS, params=_verbosity_options())
 @click.version_option(__version__, prog_name="tvae-em")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
 @click.pass_context
@@ -70,6 +95,9 @@ def cli(ctx, debug):
       tvae-em render run/ -o render/ --grid 8
     """
     ctx.obj = {"debug": debug}
+
+
+cli.command_class = _Command
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -126,7 +154,7 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
                                     pixel_size=apix, **options)
     else:
         raise UsageError("give a particle STAR/MRCS file, or --picks with --micrographs and --box")
-    click.echo(f"wrote {path}", err=True)
+    console.note(f"wrote {path}")
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -192,8 +220,9 @@ def train(ctx, star, run_dir, resume_dir, datadir, device, indices_file, **optio
     """Train TARGET-VAE on preprocessed particles.
 
     Reads a particle STAR (or .mrcs); writes RUN/checkpoint_last.pt, checkpoint_best.pt, log.csv,
-    learning_curve.png and split.npz. Interrupt with Ctrl-C and continue with --resume, which takes every
-    option from the run.
+    learning_curve.png, split.npz, config.json (command line, versions, inputs and every setting) and run.log
+    (appended by each invocation: its command line and versions, then every message and epoch line, whatever
+    -q or -v). Interrupt with Ctrl-C and continue with --resume, which takes every option from the run.
 
     \b
     Example:
@@ -264,7 +293,7 @@ def embed(run_dir, star, out_star, clusters, method, class_number, indices_file,
     path = infer.embed(run_dir, star, out_star, clusters=clusters, method=method, shard=_parse_shard(shard),
                        batch_size=batch_size, device=device, amp=amp, datadir=datadir, class_number=class_number,
                        indices_file=indices_file, threads=threads)
-    click.echo(f"wrote {path}", err=True)
+    console.note(f"wrote {path}")
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -300,7 +329,7 @@ def pose(run_dir, star, out_star, replace_angles, indices_file, shard, batch_siz
     path = infer.pose(run_dir, star, out_star, shard=_parse_shard(shard), batch_size=batch_size,
                       device=device, amp=amp, datadir=datadir, replace_angles=replace_angles,
                       indices_file=indices_file, threads=threads)
-    click.echo(f"wrote {path}", err=True)
+    console.note(f"wrote {path}")
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -326,7 +355,7 @@ def merge(parts, out_star, clusters, method, class_number):
     from tvae_em import infer
 
     path = infer.merge_shards(parts, out_star, clusters=clusters, method=method, class_number=class_number)
-    click.echo(f"wrote {path}", err=True)
+    console.note(f"wrote {path}")
 
 
 _CLASS_COLUMN = click.option("--class-column", metavar="LABEL",
@@ -365,7 +394,7 @@ def averages(star, out_dir, class_column, ctf, wiener_constant, batch_size, data
 
     path = class_averages(star, out_dir, class_column, ctf=ctf, wiener_constant=wiener_constant,
                           datadir=datadir, batch_size=batch_size)
-    click.echo(f"wrote {path}", err=True)
+    console.note(f"wrote {path}")
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -398,7 +427,7 @@ def subset(star, out_star, classes, class_column, indices_file, z_ranges, datadi
         star, out_star, classes=None if classes is None else selection.parse_classes(classes),
         indices_file=indices_file, z_ranges=[selection.parse_z_range(text) for text in z_ranges],
         class_column_label=class_column, datadir=datadir)
-    click.echo(f"kept {chosen} of {total} particles; wrote {path}", err=True)
+    console.note(f"kept {chosen} of {total} particles; wrote {path}")
 
 
 @cli.command(context_settings=_SETTINGS)
@@ -436,7 +465,7 @@ def render(run_dir, out_dir, z_text, z_file, grid, centers_from, theta_deg, shif
     z = _parse_points(z_text) if z_text else None
     path = rendering.render(run_dir, out_dir, z=z, z_file=z_file, grid=grid, theta_deg=theta_deg,
                             shift_px=shift_px, centers_from=centers_from, device=device)
-    click.echo(f"wrote {path}", err=True)
+    console.note(f"wrote {path}")
 
 
 def _parse_points(text):
@@ -476,11 +505,12 @@ def demo(out_dir, particles, epochs, snr, seed, device):
 
 def main(argv=None):
     """Entry point: run the CLI, turning user errors into one stderr line and an exit code."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
     if not debug:  # a warning is one line for the user, not a Python source location
         warnings.formatwarning = _one_line_warning
     try:
-        with stop_on_signals():
+        with console.invoked(["tvae-em", *args]), stop_on_signals():
             code = cli.main(args=argv, prog_name="tvae-em", standalone_mode=False)
     except click.UsageError as exc:  # click's own: unknown option, bad choice, missing argument
         where = exc.ctx.command_path if exc.ctx else "tvae-em"

@@ -13,7 +13,6 @@ merge. An unsharded run takes the same path in memory, so merged and unsharded o
 """
 
 import hashlib
-import sys
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from tvae_em import plots
+from tvae_em import console, plots
 from tvae_em.checkpoint import checkpoint_path, load_model, run_files
 from tvae_em.device import bf16_autocast, bf16_autocast_enabled, plan_threads, resolve_device, torch_threads
 from tvae_em.errors import InputError, UsageError
@@ -88,8 +86,11 @@ def encode_particles(model, particles, batch_size=256, device="auto", indices=No
                "rotation_mass": np.empty((n, cfg.rotations), np.float32),
                **{name: np.empty(n, np.float32) for name in ("entropy", "max_prob", "local_mass",
                                                              "translation_mass")}}
-    with ThreadPoolExecutor(max_workers=1) as reader, torch.no_grad(), torch_threads(plan_threads(threads).threads), \
-            tqdm(total=n, unit="particle", desc="encoding", file=sys.stderr) as progress:
+    plan = plan_threads(threads)
+    console.detail(f"encoding {n} particles on {device} in batches of {batch_size}, bfloat16 autocast "
+                   f"{'on' if bf16 else 'off'}, {plan.describe()}")
+    with ThreadPoolExecutor(max_workers=1) as reader, torch.no_grad(), torch_threads(plan.threads), \
+            console.progress(n, "encoding", "particle") as progress:
         pending = reader.submit(particles.read, indices[:batch_size]) if n else None
         for start in range(0, n, batch_size):
             images = pending.result()
@@ -386,14 +387,14 @@ def _finish(results: Results, out_star, model=None, particles=None) -> Path:
         else:
             _pose_figure(columns, written["poses"])
         write_star(written["star"], particles.table, pd.DataFrame(columns), block=particles.block)
-    tqdm.write(confidence_report(columns[CONFIDENCE_COLUMN]), file=sys.stderr)
+    console.note(confidence_report(columns[CONFIDENCE_COLUMN]))
     if class_note:
-        tqdm.write(class_note, file=sys.stderr)
+        console.note(class_note)
     if TVAE_POSE[0] in columns:
-        tqdm.write(f"{source['star_path']} holds 3-D refinement angles ({', '.join(REFINEMENT_ANGLES)}): they and "
-                   f"the refinement's psi and origins are kept; the in-plane poses are in _{', _'.join(TVAE_POSE)} "
-                   "(use --replace-angles to write them to rlnAnglePsi and rlnOriginX/YAngst instead)",
-                   file=sys.stderr)
+        console.note(f"{source['star_path']} holds 3-D refinement angles ({', '.join(REFINEMENT_ANGLES)}): they "
+                     f"and the refinement's psi and origins are kept; the in-plane poses are in "
+                     f"_{', _'.join(TVAE_POSE)} (use --replace-angles to write them to rlnAnglePsi and "
+                     "rlnOriginX/YAngst instead)")
     return Path(out_star)
 
 

@@ -19,16 +19,14 @@ working folder, as RELION writes it) and the previous image name is kept in ``_t
 """
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import fft
-from tqdm import tqdm
 
-from tvae_em import ctf
+from tvae_em import console, ctf
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
 from tvae_em.io.mrc import StackWriter
@@ -158,7 +156,7 @@ def _output_paths(out_dir, inputs) -> tuple[Path, Path]:
 
 def _stream(source, pipeline: _Pipeline, stack_path: Path, pixel_size: float, chunk_size: int) -> None:
     with StackWriter(stack_path, pixel_size) as writer, \
-            tqdm(total=len(source), unit="img", desc="preprocess", file=sys.stderr) as bar:
+            console.progress(len(source), "preprocess", "image") as bar:
         for start in range(0, len(source), chunk_size):
             indices = np.arange(start, min(start + chunk_size, len(source)))
             writer.write(pipeline(source.read(indices), indices))
@@ -239,7 +237,7 @@ def preprocess_picks(picks_path, micrographs_glob: str, box: int, out_dir, thres
                          f"{box} px box inside its micrograph{scaled}")
     note = boxes.edge_note()
     if note:
-        tqdm.write(note, file=sys.stderr)
+        console.note(note)
     apix = pixel_size or boxes.micrograph_pixel_size
     if not apix > 0:
         warnings.warn(f"no pixel size in the micrograph headers; assuming {DEFAULT_PIXEL_SIZE} A",

@@ -38,15 +38,19 @@ Files in ``run_dir``, each written atomically (rank 0 only):
     checkpoint_best.pt  the same, for the epoch with the best monitored loss (what ``load_model`` returns)
     log.csv             one row per epoch; reconstruction and KL columns are training-epoch means
     learning_curve.png  training and validation ELBO, learning rate
+    config.json         the command line, versions, inputs, device and the model and training configurations
+                        of the latest invocation (rewritten on resume)
+    run.log             appended by every invocation: a header (date, command line, versions, host, device),
+                        then every message, epoch line, warning and error, whatever the verbosity
     .lock               empty; locked while a training process writes the run
 """
 
 import contextlib
 import csv
+import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -59,9 +63,9 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from tvae_em import checkpoint as ckpt
+from tvae_em import console
 from tvae_em.ctf import transfer as ctf_transfer
 from tvae_em.device import (
     AMP_MODES,
@@ -125,7 +129,7 @@ class TrainConfig:
     amp: str = "auto"  # 'auto': bfloat16 autocast on CUDA and AMX-BF16 CPUs, else none; 'bf16': always; 'off': never
     num_workers: int = 2  # at most this many processes read batches ahead of the loop (``device.plan_threads``)
     threads: int | None = None  # CPUs to use, workers included; None: those the process may use (``cpu_budget``)
-    progress: bool = True  # tqdm bar per epoch and a summary line per epoch on stderr
+    progress: bool = True  # a bar per epoch on a terminal and a summary line per epoch on stderr
 
     # Settings that may change when a run is resumed (epochs: the new total); all others shape the trajectory and
     # must stay.
@@ -181,8 +185,9 @@ class TrainResult:
     best_metrics: dict  # log row of the best epoch
 
 
+@console.transcript()
 def train(model_config: ModelConfig | None, train_config: TrainConfig, particles, run_dir,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, inputs: dict | None = None) -> TrainResult:
     """Train a TARGET-VAE on ``particles`` (any object with ``len()`` and ``read(sorted indices) -> (k, N, N)
     float32``) and write the run into ``run_dir``.
 
@@ -190,7 +195,8 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     is used) up to ``train_config.epochs`` epochs in all, and ends with the same parameters as an uninterrupted
     run; without a checkpoint it starts afresh. A finished run (stopped early, or ``train_config.epochs``
     epochs done) is left untouched: one line on stderr says so and its result is returned. A fresh run refuses
-    a ``run_dir`` that already holds a checkpoint.
+    a ``run_dir`` that already holds a checkpoint. ``inputs`` (JSON values: what ``particles`` were read from)
+    goes into ``config.json``.
 
     Raises Interrupted (SIGINT/SIGTERM), TrainingDiverged (NaN/inf loss), UsageError (impossible request,
     resume mismatch, or ``run_dir`` in use by another training process), InputError (unreadable checkpoint) or
@@ -204,19 +210,20 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     train_config = replace(train_config, num_workers=threads.workers)
     group = _ProcessGroup.start(device)
     try:
-        with stop_on_signals(), torch_threads(threads.threads):
+        with stop_on_signals(), torch_threads(threads.threads), \
+                console.silenced(not train_config.progress or group.rank != 0):
+            console.detail(f"threads: {threads.describe()}")
             try:
                 checkpoint = _checkpoint_to_resume(run_dir) if resume else None
                 if checkpoint is not None:
                     model_config = _check_resumable(checkpoint, run_dir, model_config, train_config, particles)
                     done = _nothing_to_do(checkpoint, train_config)
                     if done:
-                        if train_config.progress and group.rank == 0:
-                            tqdm.write(f"{run_dir}: {done}", file=sys.stderr)
+                        console.note(f"{run_dir}: {done}")
                         return _result(run_dir, checkpoint["epoch"], checkpoint["best_epoch"],
                                        checkpoint["stop_reason"], checkpoint["history"])
                 trainer = _Trainer(model_config, train_config, particles, run_dir, resume, checkpoint, device,
-                                   group)
+                                   group, inputs)
             except Stop as stop:
                 raise Interrupted(f"{stop.name} received before the first epoch began: stopped, nothing was "
                                   "trained") from None
@@ -225,6 +232,7 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
         group.close()
 
 
+@console.transcript()
 def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options: dict | None = None,
                     datadir=None, resume: bool = False, ctf: str = "auto", indices_file=None) -> TrainResult:
     """``train`` on the particles of a RELION/Topaz STAR file (only those of the rows ``indices_file`` lists, when
@@ -248,9 +256,11 @@ def train_from_star(star_path, run_dir, train_config: TrainConfig, model_options
                                        **(model_options or {}))
         except (TypeError, ValueError) as err:
             raise UsageError(f"invalid model configuration: {err}") from None
-    return train(model_config, train_config, particles, run_dir, resume=resume)
+    return train(model_config, train_config, particles, run_dir, resume=resume,
+                 inputs=_star_inputs(star_path, datadir, ctf))
 
 
+@console.transcript()
 def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=None,
                      indices_file=None) -> TrainResult:
     """Continue the run in ``run_dir`` on the particles of ``star_path`` with the settings it was started with.
@@ -289,7 +299,15 @@ def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=
     if run_rows is not None:
         particles = particles.subset(run_rows)
     changes = {key: requested[key] for key in TrainConfig.RESUMABLE_CHANGES if key in requested}
-    return train(model_config, replace(train_config, **changes), particles, run_dir, resume=True)
+    return train(model_config, replace(train_config, **changes), particles, run_dir, resume=True,
+                 inputs=_star_inputs(star_path, datadir, requested.get("ctf")))
+
+
+def _star_inputs(star_path, datadir, ctf: str | None) -> dict:
+    """What config.json says the run was trained on: absolute paths, and the ``--ctf`` request (None: not given
+    to this invocation; ModelConfig.ctf is what it resolved to)."""
+    return {"star": str(Path(star_path).resolve()),
+            "datadir": None if datadir is None else str(Path(datadir).resolve()), "ctf_request": ctf}
 
 
 def _inputs(star_path, particles, indices_file) -> list:
@@ -390,15 +408,15 @@ class _Trainer:
     """State of one run (model, optimiser, scheduler, counters, history) and the epoch loop over it."""
 
     def __init__(self, model_config, config: TrainConfig, particles, run_dir: Path, resume: bool,
-                 checkpoint: dict | None, device: torch.device, group: "_ProcessGroup"):
-        self.config, self.particles, self.run_dir = config, particles, run_dir
+                 checkpoint: dict | None, device: torch.device, group: "_ProcessGroup", inputs: dict | None):
+        self.config, self.particles, self.run_dir, self.inputs = config, particles, run_dir, inputs
         self.rows = getattr(particles, "rows", None)  # the input rows of a Particles.subset (--ind), None for all
         self.device, self.group = device, group
         self.writes = group.rank == 0
         self.amp = bf16_autocast_enabled(config.amp, device)
         self.resume = resume
-        if resume and checkpoint is None and config.progress and self.writes:
-            tqdm.write(f"{run_dir} holds no completed epoch: starting from the beginning", file=sys.stderr)
+        if resume and checkpoint is None:
+            console.note(f"{run_dir} holds no completed epoch: starting from the beginning")
         if model_config is None:
             raise UsageError("a model configuration is needed to start a new run")
         self.train_idx, self.val_idx = make_split(len(particles), config.val_fraction, config.seed)
@@ -462,18 +480,56 @@ class _Trainer:
             if not self.resume and (self.run_dir / ckpt.LAST).exists():
                 raise UsageError(f"{self.run_dir} already holds a training run: resume it or choose another "
                                  "directory")
-            try:
-                if self.writes:
-                    _remove_stale_temporaries(self.run_dir)
-                    self._write_split()  # identical when resuming (same seed, fraction and particle count)
-                for epoch in range(self.epoch + 1, self.config.epochs + 1):  # train() returned if none is left
-                    self._run_epoch(epoch)
-                    if self.stop_reason == "early_stop":
-                        break
-            except Stop as stop:
-                raise Interrupted(f"{stop.name} received in epoch {self.epoch + 1}: stopped, the epoch was dropped; "
-                                  f"{self._kept()}; resume to continue") from None
+            with self._run_log():
+                self._train_epochs()
         return self._result()
+
+    def _train_epochs(self) -> None:
+        try:
+            if self.writes:
+                _remove_stale_temporaries(self.run_dir)
+                self._write_config()
+                self._write_split()  # identical when resuming (same seed, fraction and particle count)
+            self._tell_configuration()
+            for epoch in range(self.epoch + 1, self.config.epochs + 1):  # train() returned if none is left
+                self._run_epoch(epoch)
+                if self.stop_reason == "early_stop":
+                    break
+        except Stop as stop:
+            raise Interrupted(f"{stop.name} received in epoch {self.epoch + 1}: stopped, the epoch was dropped; "
+                              f"{self._kept()}; resume to continue") from None
+
+    def _run_log(self):
+        """run.log (rank 0): this invocation's header, the lines told before the folder was locked, then every
+        line as it is told, and the error that ends the run, if one does."""
+        if not self.writes:
+            return contextlib.nullcontext()
+        info = console.invocation()
+        header = [f"=== {info['date']}", f"command: {info['command']}",
+                  "versions: " + ", ".join(f"{name} {version}" for name, version in info["versions"].items()),
+                  f"host: {info['host']}", f"device: {self._device_text()}"]
+        return console.log_file(self.run_dir / ckpt.RUN_LOG, header)
+
+    def _device_text(self) -> str:
+        processes = f"{self.group.world} processes" if self.group.world > 1 else "1 process"
+        return f"{self.device}, bfloat16 autocast {'on' if self.amp else 'off'}, {processes}"
+
+    def _write_config(self) -> None:
+        """config.json: what this invocation ran, as used (a resumed run's stored model and settings)."""
+        record = {**console.invocation(), "inputs": self.inputs, "device": str(self.device),
+                  "bf16_autocast": self.amp, "processes": self.group.world,
+                  "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict()}
+        with atomic_path(self.run_dir / ckpt.CONFIG) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+    def _tell_configuration(self) -> None:
+        """With -v: where the particles come from, where the run computes and every setting."""
+        source = f"{self.inputs['star']}, " if self.inputs else ""
+        console.detail(f"particles: {source}{len(self.particles)} ({len(self.train_idx)} for training, "
+                       f"{len(self.val_idx)} for validation)")
+        console.detail(f"device: {self._device_text()}")
+        for name, settings in (("model", self.model.config.to_dict()), ("training", self.config.to_dict())):
+            console.detail(f"{name}: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
 
     def _lock(self):
         """Rank 0 alone writes the run, so it alone holds the folder's lock."""
@@ -508,13 +564,11 @@ class _Trainer:
             self.history.append(row)
             if self.writes:
                 self._save(improved)
-            if self.config.progress and self.writes:
-                val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
-                # KL(q(t, r) || p(t, r)) near 0 says the attention has not left the prior: no poses learned yet
-                tqdm.write(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, "
-                           f"KL(t, r) {row['kl_tr']:.2f} nats, lr {lr:.3g}, {row['seconds']:.1f} s "
-                           f"(waiting for data {100 * row['data_wait']:.0f} %){' (best)' if improved else ''}",
-                           file=sys.stderr)
+            val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
+            # KL(q(t, r) || p(t, r)) near 0 says the attention has not left the prior: no poses learned yet
+            console.note(f"epoch {epoch}: training ELBO {row['train_elbo']:.2f}{val_text}, "
+                         f"KL(t, r) {row['kl_tr']:.2f} nats, lr {lr:.3g}, {row['seconds']:.1f} s "
+                         f"(waiting for data {100 * row['data_wait']:.0f} %){' (best)' if improved else ''}")
 
     def _train_epoch(self, epoch: int) -> tuple[dict, float]:
         """The epoch's training metrics and the seconds the loop spent waiting for the next batch of images."""
@@ -522,8 +576,7 @@ class _Trainer:
         noise = _generator(self.device, self.config.seed, _NOISE, epoch, self.group.rank)
         totals = _Totals()
         self.model.train()
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{self.config.epochs}", unit="batch", leave=False,
-                   file=sys.stderr, disable=not (self.config.progress and self.writes))
+        bar = console.progress(len(batches), f"epoch {epoch}/{self.config.epochs}", "batch", transient=True)
         loader = _WaitClock(self._load(batches))
         with bar:
             for batch, (indices, images, ctf) in enumerate(loader, start=1):
@@ -881,9 +934,8 @@ def ctf_mode(request: str, particles, note: bool = True) -> str:
         raise UsageError("--ctf on: the particles carry no defocus values (_rlnDefocusU)")
     if request == "none" or particles.ctf is None:
         if note and request == "none" and particles.ctf is not None and not particles.ctf_flipped:
-            tqdm.write("note: the particles carry defocus values but the CTF is neither modelled (--ctf none) nor "
-                       "corrected (preprocess --phase-flip): latents and clusters will follow defocus too",
-                       file=sys.stderr)
+            console.note("note: the particles carry defocus values but the CTF is neither modelled (--ctf none) "
+                         "nor corrected (preprocess --phase-flip): latents and clusters will follow defocus too")
         return "none"
     return "flipped" if particles.ctf_flipped else "full"
 
