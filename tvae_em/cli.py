@@ -20,7 +20,8 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
                        help="'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.")
 _DATADIR = click.option("--datadir", type=click.Path(file_okay=False),
                         help="Folder holding the stacks named in rlnImageName (tried as datadir/path, then "
-                             "datadir/basename) when they are not relative to the STAR file.")
+                             "datadir/basename) when they are not relative to the STAR file; for a cryoSPARC .cs "
+                             "file, the project directory.")
 # the choices are device.AMP_MODES, written out so that --help does not import torch
 _AMP = click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
                     help="bfloat16 autocast: 'auto' on CUDA GPUs and CPUs with AMX-BF16 units, 'bf16' always, "
@@ -130,8 +131,8 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
                pick_scale, apix, datadir):
     """Prepare particles for training: one float32 stack plus a RELION 3.1 STAR.
 
-    Reads a RELION/Topaz particle STAR (or a plain .mrcs) with its stacks, or Topaz picks with their
-    micrographs; writes OUT/particles.mrcs and OUT/particles.star, which keeps every input column.
+    Reads a RELION/Topaz particle STAR (or a cryoSPARC .cs, or a plain .mrcs) with its stacks, or Topaz picks with
+    their micrographs; writes OUT/particles.mrcs and OUT/particles.star, which keeps every input column.
 
     \b
     Examples:

@@ -21,7 +21,7 @@ from tvae_em.errors import InputError, UsageError
 from tvae_em.infer import CLASS_COLUMN
 from tvae_em.io.atomic import refuse_overwriting
 from tvae_em.io.indices import read_row_indices
-from tvae_em.io.stack import open_particles
+from tvae_em.io.stack import open_particles, particle_file_kind
 from tvae_em.io.star import StarFile, numeric_column, particles_block, read_star, write_star
 from tvae_em.render import CLUSTER_COLUMN
 
@@ -145,11 +145,12 @@ def subset_star(star_path, out_star, classes=None, indices_file=None, z_ranges=(
 
 
 def _relion31_table(star_path, datadir) -> StarFile:
-    """The STAR file as it is when it has an optics table; a RELION 3.0 file converted (which reads its stacks'
-    headers for the box size)."""
-    star = read_star(star_path)
-    if "optics" in star:
-        return star
+    """The STAR file as it is when it has an optics table; a RELION 3.0 file or a cryoSPARC .cs file converted
+    (which reads its stacks' headers for the box size)."""
+    if particle_file_kind(star_path) == "star":
+        star = read_star(star_path)
+        if "optics" in star:
+            return star
     return open_particles(star_path, datadir=datadir).table
 
 

@@ -69,6 +69,20 @@ def read_mrc_header(path) -> MrcHeader:
     return MrcHeader(path, shape, dtype, offset, _pixel_size(header), stamped)
 
 
+def looks_like_mrc(head: bytes) -> bool:
+    """Whether ``head``, the first bytes of a file, can be an MRC header as ``read_mrc_header`` reads one: the 'MAP '
+    stamp, or positive sizes and a known mode in either byte order (files without the stamp are common)."""
+    if len(head) < HEADER_DTYPE.itemsize:
+        return False
+    if head[208:212] == b"MAP ":
+        return True
+    for order in ("little", "big"):
+        nx, ny, nz, mode = (int.from_bytes(head[i:i + 4], order, signed=True) for i in range(0, 16, 4))
+        if min(nx, ny, nz) > 0 and mode in MRC2014_MODES:
+            return True
+    return False
+
+
 def _first_bytes(path: Path, count: int = 16) -> bytes:
     with open(path, "rb") as handle:
         return handle.read(count)

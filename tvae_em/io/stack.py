@@ -1,4 +1,5 @@
-"""Particle images referenced by a STAR file (or one plain MRCS stack), read lazily in index order.
+"""Particle images referenced by a STAR file, a cryoSPARC .cs file or one plain MRCS stack, read lazily in index
+order.
 
 ``open_particles`` checks everything that can be checked cheaply before any work starts (every stack
 exists, every index is within its stack, all boxes are square and equal) and raises InputError naming the
@@ -14,14 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mrcfile.dtypes import HEADER_DTYPE
 
 from tvae_em.errors import InputError
+from tvae_em.io.cryosparc import CSDAT_MAGIC, NUMPY_MAGIC, read_cryosparc
+from tvae_em.io.files import regular_file
 from tvae_em.io.indices import read_row_indices
-from tvae_em.io.mrc import MrcHeader, read_mrc_header, read_sections, warn_unstamped, write_stack
+from tvae_em.io.mrc import MrcHeader, looks_like_mrc, read_mrc_header, read_sections, warn_unstamped, write_stack
 from tvae_em.io.relion import ctf_parameters, ctf_phase_flipped, has_ctf, particle_pixel_sizes, to_relion31
-from tvae_em.io.star import StarFile, new_relion31_star, particles_block, read_star
+from tvae_em.io.star import StarFile, image_name_texts, new_relion31_star, particles_block, read_star, starts_like_star
 
-__all__ = ["ArrayParticles", "Particles", "image_names", "open_particles", "relion_path", "write_stack"]
+__all__ = ["ArrayParticles", "Particles", "image_names", "open_particles", "particle_file_kind", "relion_path",
+           "write_stack"]
 _OPEN_FILES = 64  # stacks kept open at once
 _INDEX_DIGITS = 18  # image indices have at most this many digits (int64 holds every 18-digit number)
 
@@ -138,10 +143,12 @@ class ArrayParticles:
 
 
 def open_particles(path, datadir=None, pixel_size: float | None = None, indices_file=None) -> Particles:
-    """Open a STAR file (RELION 3.0-5.0) or a plain MRC/MRCS stack, validating all references; ``pixel_size``
-    (Angstrom) replaces the one of the STAR file or the stack headers (``relion.to_relion31``). ``indices_file``
-    (cryoDRGN's ``--ind``, ``io.indices.read_row_indices``) keeps only the particles of the 0-based rows it lists,
-    in file order (``Particles.subset``); InputError naming it when it lists none or a row the file lacks."""
+    """Open a STAR file (RELION 3.0-5.0), a cryoSPARC .cs file (``cryosparc.read_cryosparc``) or a plain MRC/MRCS
+    stack, validating all references; ``pixel_size`` (Angstrom) replaces the one of the STAR/.cs file or the stack
+    headers (``relion.to_relion31``). A .cs file's image names become the paths of the stacks found.
+    ``indices_file`` (cryoDRGN's ``--ind``, ``io.indices.read_row_indices``) keeps only the particles of the
+    0-based rows it lists, in file order (``Particles.subset``); InputError naming it when it lists none or a row
+    the file lacks."""
     particles = _open_all(Path(path), datadir, pixel_size)
     if indices_file is None:
         return particles
@@ -152,23 +159,55 @@ def open_particles(path, datadir=None, pixel_size: float | None = None, indices_
 
 
 def _open_all(path: Path, datadir, pixel_size: float | None) -> Particles:
-    if path.suffix.lower() != ".star":
+    kind = particle_file_kind(path)
+    if kind == "mrc":
         return _open_plain_stack(path, pixel_size)
-    star = read_star(path)
+    star = read_cryosparc(path) if kind == "cs" else read_star(path)
     block = particles_block(star)
     names = star[block]["rlnImageName"]
     if names.empty:
         raise InputError(path, f"data_{block} lists no particles")
     index, stack_names = _parse_image_names(star, block, names)
     stack_id, unique_names = pd.factorize(stack_names)
-    resolver = _Resolver(path, Path(datadir) if datadir else None)
+    hint = "give the cryoSPARC project directory with --datadir" if kind == "cs" else "see --datadir"
+    resolver = _Resolver(path, Path(datadir) if datadir else None, hint)
     first_rows = np.unique(stack_id, return_index=True)[1]
     headers = [read_mrc_header(resolver.resolve(name, int(row)))
                for name, row in zip(unique_names, first_rows, strict=True)]
     _check_stacks(star, block, headers, list(unique_names), stack_id, index)
     warn_unstamped(headers)
+    if kind == "cs":
+        star = _named_by_found_stacks(star, block, index, stack_id, headers)
     table = to_relion31(star, headers[0].shape[1], headers[0].pixel_size, pixel_size)
     return Particles(table, particles_block(table), headers, stack_id.astype(np.int32), index - 1)
+
+
+def particle_file_kind(path) -> str:
+    """'star', 'cs' (cryoSPARC) or 'mrc': by content where it tells (the NumPy magic of a .cs file, STAR text, an
+    MRC header), else by suffix; InputError saying what is expected for anything else."""
+    path = regular_file(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEADER_DTYPE.itemsize)
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err.strerror}") from None
+    suffix = path.suffix.lower()
+    if head.startswith((NUMPY_MAGIC, CSDAT_MAGIC)) or suffix == ".cs":
+        return "cs"
+    if suffix == ".star" or starts_like_star(head):
+        return "star"
+    if suffix in (".mrc", ".mrcs") or looks_like_mrc(head):
+        return "mrc"
+    raise InputError(path, "not a particle file: expected a RELION/Topaz STAR file, an MRC/MRCS stack or a "
+                           f"cryoSPARC .cs file (it begins {head[:16]!r})")
+
+
+def _named_by_found_stacks(star: StarFile, block: str, index: np.ndarray, stack_id: np.ndarray,
+                           headers: list[MrcHeader]) -> StarFile:
+    """``star`` with each rlnImageName naming the stack found for it (``relion_path``), so that the STAR files
+    written from it are read without the cryoSPARC project directory."""
+    found = np.array([relion_path(header.path) for header in headers], dtype=object)
+    return star.replace(block, star[block].assign(rlnImageName=image_name_texts(index, found[stack_id])))
 
 
 def _open_plain_stack(path: Path, pixel_size: float | None) -> Particles:
@@ -213,15 +252,16 @@ def _parse_image_names(star: StarFile, block: str, names: pd.Series) -> tuple[np
 
 
 class _Resolver:
-    """Find a stack named in a STAR file.
+    """Find a stack named in a STAR (or .cs) file.
 
     With ``datadir``: datadir/name, then datadir/basename.  Without: relative to the STAR file's folder,
     then to each folder above it (RELION writes paths relative to the project folder, usually two levels
     above a job's STAR file), then to the working directory.  The folder that worked last is tried first.
+    ``hint`` ends the message for a stack found nowhere.
     """
 
-    def __init__(self, star_path: Path, datadir: Path | None):
-        self.star_path, self.datadir = star_path, datadir
+    def __init__(self, star_path: Path, datadir: Path | None, hint: str):
+        self.star_path, self.datadir, self.hint = star_path, datadir, hint
         folder = star_path.parent.absolute()
         self.bases = list(dict.fromkeys([folder, *folder.parents, Path.cwd()]))
 
@@ -235,8 +275,16 @@ class _Resolver:
                 if self.datadir is None:
                     self.bases.insert(0, self.bases.pop(self.bases.index(base)))
                 return base / relative
-        where = f"in {self.datadir}" if self.datadir else f"near {self.star_path.parent} or its parents"
-        raise InputError(self.star_path, f"row {row + 1}: stack {name!r} not found {where} (see --datadir)")
+        raise InputError(self.star_path, f"row {row + 1}: stack {name!r} not found{self._where_tried(name)} "
+                                         f"({self.hint})")
+
+    def _where_tried(self, name: str) -> str:
+        if self.datadir is not None:
+            return f" as {self.datadir / name} nor as {self.datadir / Path(name).name}"
+        if Path(name).is_absolute():
+            return ""
+        return (f" relative to {self.star_path.parent.absolute()}, the folders above it or the working directory "
+                f"{Path.cwd()}")
 
 
 def _check_stacks(star: StarFile, block: str, headers: list[MrcHeader], names: list[str],

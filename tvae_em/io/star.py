@@ -98,6 +98,16 @@ def read_star(path) -> StarFile:
     return StarFile(blocks, path, parser.version)
 
 
+def starts_like_star(head: bytes) -> bool:
+    """Whether ``head``, the first bytes of a file, begin as STAR text: the first line that is neither blank nor a
+    '#' comment opens a data_ block."""
+    for line in head.split(b"\n"):
+        text = line.strip()
+        if text and not text.startswith(b"#"):
+            return text.startswith(b"data_")
+    return False
+
+
 def _has_control_bytes(raw: bytes, chunk: int = 1 << 24) -> bool:
     """True if ``raw`` holds a control character other than tab, newline or carriage return; checked in
     chunks, so a STAR file of a million rows is not copied whole."""
@@ -270,6 +280,12 @@ def new_relion31_star(optics: pd.DataFrame, particles: pd.DataFrame) -> StarFile
         return pd.DataFrame({str(c).lstrip("_"): format_values(frame[c].to_numpy()) for c in frame.columns})
     return StarFile({"optics": StarBlock("optics", as_text(optics)),
                      "particles": StarBlock("particles", as_text(particles))}, None, RELION31_VERSION)
+
+
+def image_name_texts(numbers, stacks) -> np.ndarray:
+    """rlnImageName cells as RELION writes them, '000012@Extract/x.mrcs': image ``numbers`` (1-based, an integer
+    array) in ``stacks`` (one name per image, or one for all)."""
+    return (pd.Series(numbers).astype(str).str.zfill(6) + "@" + stacks).to_numpy(dtype=object)
 
 
 def particles_block(star: StarFile) -> str:
