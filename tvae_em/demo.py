@@ -37,7 +37,7 @@ def run_demo(out_dir, n_particles=1500, epochs=20, snr=1.0, seed=0, device="auto
     train.train_from_star(prep_star, out / "run", train_config, DEMO_MODEL)
     embedded = infer.embed(out / "run", prep_star, out / "embedded.star", clusters=N_OBJECTS, device=device)
     posed = infer.pose(out / "run", prep_star, out / "posed.star", device=device)
-    render.render(out / "run", out / "render", grid=6, device=device)
+    render.render(out / "run", out / "render", grid=6, z_file=embedded, device=device)  # over the data
     render.render(out / "run", out / "centres", centers_from=embedded, device=device)
     return report(embedded, posed, out)
 
