@@ -21,6 +21,7 @@ from tvae_em.io.stack import write_stack
 from tvae_em.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
+DEVICE_TEXT = "bfloat16 autocast off, 1 process, 1 CPU thread and 0 reading processes each"
 TINY_TRAINING = ["--rotations", "4", "--encoder-fields", "4", "--encoder-kernel", "9", "--generator-width", "16",
                  "--generator-depth", "1", "--fourier-features", "16", "--batch-size", "8", "--amp", "off",
                  "--device", "cpu"]
@@ -99,14 +100,14 @@ def test_quiet_and_verbose_together_are_refused(tmp_path, capsys):
 def test_a_run_keeps_its_log_and_configuration_and_a_resume_appends(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     particle_stack(tmp_path / "particles.mrcs", 16)  # 14 for training in 2 batches, 2 for validation
-    started = ["-v", "train", "particles.mrcs", "-o", "run", "--epochs", "1", *TINY_TRAINING]
+    started = ["-v", "train", "particles.mrcs", "-o", "run", "--epochs", "1", "--threads", "1", *TINY_TRAINING]
     code, err = tvae_em(started, capsys)
     assert code == 0 and "\r" not in err
     lines = message_lines(err)
     checkpoint = ckpt.read_checkpoint(tmp_path / "run" / ckpt.LAST)
     model = checkpoint["model_config"]
     assert lines[:2] == [f"particles: {tmp_path / 'particles.mrcs'}, 16 (14 for training, 2 for validation)",
-                         "device: cpu, bfloat16 autocast off, 1 process"]
+                         f"device: cpu, {DEVICE_TEXT}"]
     assert lines[2] == "model: " + ", ".join(f"{key}={value}" for key, value in model.items())
     assert lines[3].startswith("training: batch_size=8, epochs=1, ")
     assert len(lines) == 5 and lines[4].startswith("epoch 1: training ELBO ")  # no line per batch
@@ -116,7 +117,7 @@ def test_a_run_keeps_its_log_and_configuration_and_a_resume_appends(tmp_path, ca
     header = first_log.splitlines()[:5]
     assert header[0].startswith("=== ") and header[1] == "command: " + shlex.join(["tvae-em", *started])
     assert header[2].startswith(f"versions: tvae-em {__version__}, python ") and ", torch " in header[2]
-    assert header[3].startswith("host: ") and header[4] == "device: cpu, bfloat16 autocast off, 1 process"
+    assert header[3].startswith("host: ") and header[4] == f"device: cpu, {DEVICE_TEXT}"
     assert [line[9:] for line in first_log.splitlines()[5:]] == lines  # 'HH:MM:SS ' and each line told
 
     resumed = ["train", "particles.mrcs", "--resume", "run", "--epochs", "2", "-q", "--device", "cpu"]

@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from console_lines import message_lines
 
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.picks import PickedBoxes, box_corners, match_micrographs, read_picks
@@ -141,8 +142,7 @@ def preprocess_cli(argv, capsys) -> tuple[int, list[str]]:
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         main(argv)
-    lines = capsys.readouterr().err.splitlines()
-    return exited.value.code, [line for line in lines if line.strip() and "|" not in line]  # no progress bars
+    return exited.value.code, message_lines(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("star", [False, True], ids=["topaz table", "topaz star"])

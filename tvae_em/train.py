@@ -212,7 +212,6 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     try:
         with stop_on_signals(), torch_threads(threads.threads), \
                 console.silenced(not train_config.progress or group.rank != 0):
-            console.detail(f"threads: {threads.describe()}")
             try:
                 checkpoint = _checkpoint_to_resume(run_dir) if resume else None
                 if checkpoint is not None:
@@ -512,7 +511,9 @@ class _Trainer:
 
     def _device_text(self) -> str:
         processes = f"{self.group.world} processes" if self.group.world > 1 else "1 process"
-        return f"{self.device}, bfloat16 autocast {'on' if self.amp else 'off'}, {processes}"
+        threads, readers = torch.get_num_threads(), self.config.num_workers  # as device.plan_threads chose them
+        return (f"{self.device}, bfloat16 autocast {'on' if self.amp else 'off'}, {processes}, {threads} CPU "
+                f"thread{'s' * (threads != 1)} and {readers} reading process{'es' * (readers != 1)} each")
 
     def _write_config(self) -> None:
         """config.json: what this invocation ran, as used (a resumed run's stored model and settings)."""
