@@ -399,7 +399,7 @@ class _Trainer:
             "scheduler_state": self.scheduler.state_dict(), "epoch": self.epoch,
             "best_epoch": self.best_epoch, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs,
             "stop_reason": self.stop_reason, "history": self.history, "n_particles": len(self.particles),
-            "band_epochs": self.band_epochs,
+            "band_epochs": self.band_epochs, ckpt.ENCODER_EXPORT: ckpt.encoder_export(self.model),
             "rng": ckpt.capture_rng_state(),
         }
 
