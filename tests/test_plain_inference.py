@@ -143,3 +143,24 @@ def test_training_and_old_checkpoints_say_that_they_need_escnn(old_run, escnn_mi
         checkpoint.load_model(old_run)
     assert str(err.value).startswith(f"{old_run / checkpoint.BEST}: this checkpoint predates the exported encoder")
     assert "install escnn, or re-save it" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_training_on_planar_rotations_never_needs_py3nj(monkeypatch):
+    """escnn uses py3nj only for SO(3) Clebsch-Gordan coefficients (escnn/group/groups/so3group.py), which is why
+    bin/install may leave it, and the Fortran compiler it needs, out: building and training the encoder (on
+    geometries no other test builds, so that escnn's caches hold none of their bases) computes none of them and
+    creates no SO(3) or O(3) group."""
+    from escnn.group import O3, SO3
+    from escnn.group.groups import so3group
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("SO(3) or O(3) reached")
+
+    monkeypatch.setattr(so3group, "py3nj", None)
+    monkeypatch.setattr(so3group, "_clebsh_gordan_tensor_so3", forbidden)
+    for group in (SO3, O3):
+        monkeypatch.setattr(group, "__init__", forbidden)
+    for overrides in (dict(rotations=6, encoder_kernel=7), dict(rotations=12, encoder_kernel=8, subpixel=True)):
+        model = checkpoint.build_model(ModelConfig(**{**TINY, **overrides}))
+        model.elbo(torch.rand(4, BOX, BOX)).loss.backward()
+        assert all(parameter.grad is not None for parameter in model.encoder.parameters())

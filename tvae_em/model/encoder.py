@@ -19,9 +19,9 @@ Speed and inference. The layers run as plain torch ops on the filters escnn expa
 runs without escnn.
 """
 
+import warnings
+
 import torch
-from escnn import gspaces
-from escnn import nn as enn
 from torch import nn
 
 from tvae_em.model.plain_encoder import (
@@ -33,6 +33,13 @@ from tvae_em.model.plain_encoder import (
     plain_group_conv,
     plain_state,
 )
+
+with warnings.catch_warnings():
+    # escnn computes SO(3) Clebsch-Gordan coefficients with py3nj, and warns at import when it is missing; the
+    # planar rotation groups here never need them, and bin/install leaves py3nj out where no Fortran compiler is
+    warnings.filterwarnings("ignore", message="`py3nj` package not found", category=UserWarning)
+    from escnn import gspaces
+    from escnn import nn as enn
 
 _DENORMAL = 1e-20  # escnn's sampled filter bases hold denormal floats that slow CPU convolutions ~1.6x
 _OUTPUT_INIT_SCALE = 0.1  # initial weights of the posterior's location and scale fields, relative to escnn's
