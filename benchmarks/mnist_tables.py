@@ -164,7 +164,7 @@ def train_target(config: ModelConfig, budget: Budget, images: np.ndarray, run_di
     train_config = budget.train_config(num_workers=0, progress=progress, seed=seed)
     resume = (run_dir / "checkpoint_last.pt").exists()  # continue a run that was interrupted
     result = train(config, train_config, ArrayParticles(images), run_dir, resume=resume)
-    model, _ = load_model(run_dir)
+    model, _ = load_model(run_dir, for_inference=False)  # escnn's encoder: its parameters count in Table 2
     model.encoder.export()
     return model, result.epochs
 

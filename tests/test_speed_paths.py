@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from tvae_em import device as device_module
 from tvae_em.model import ModelConfig, TargetVAE
-from tvae_em.model import encoder as encoder_module
 from tvae_em.model import generator as generator_module
+from tvae_em.model import plain_encoder as plain_encoder_module
 from tvae_em.model.generator import FourierLinear, SpatialGenerator
 from tvae_em.simulate import load_mnist, make_mnist_variant
 
@@ -121,13 +121,13 @@ def test_generator_paths_agree_in_float32():
 
 
 def test_first_layer_filter_gradient_matches_conv2d_across_chunks(monkeypatch):
-    monkeypatch.setattr(encoder_module, "_UNFOLDED_VALUES", 2 * 25 * 12 * 12)  # 2 images per chunk, 5 images
+    monkeypatch.setattr(plain_encoder_module, "_UNFOLDED_VALUES", 2 * 25 * 12 * 12)  # 2 images per chunk, 5 images
     torch.manual_seed(0)
     images = torch.rand(5, 1, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
     weight = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(5, 6, 12, 12, dtype=torch.float64)
-    out = encoder_module._BigKernelConv.apply(images, weight, bias, 2)
+    out = plain_encoder_module._BigKernelConv.apply(images, weight, bias, 2)
     grads = torch.autograd.grad(out, (weight, bias), upstream)
     reference = F.conv2d(images, weight, bias, padding=2)
     reference_grads = torch.autograd.grad(reference, (weight, bias), upstream)

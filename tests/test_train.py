@@ -164,12 +164,18 @@ def test_checkpoint_holds_everything_needed_to_continue(finished_run):
 
 def test_load_model_returns_the_best_weights_ready_for_inference(finished_run):
     run_dir, result, particles = finished_run
-    model, config = ckpt.load_model(run_dir)
+    model, config = ckpt.load_model(run_dir, for_inference=False)
     assert config == ModelConfig(**MODEL) and not model.training
     best = ckpt.read_checkpoint(result.best_checkpoint)["model_state"]
     assert_same_parameters(model.state_dict(), best)
-    estimate = model.encode(torch.from_numpy(particles.images[:3]))
+    images = torch.from_numpy(particles.images[:3])
+    model.encoder.export()
+    estimate = model.encode(images)
     assert estimate.z_mu.shape == (3, 2) and torch.isfinite(estimate.theta).all()
+    # what inference loads: the encoder from the filters the best epoch exported, which computes the same
+    plain, _ = ckpt.load_model(run_dir)
+    for name, value in vars(plain.encode(images)).items():
+        assert torch.equal(value, getattr(estimate, name)), name
 
 
 def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path):

@@ -467,7 +467,7 @@ class _Trainer:
             "best_epoch": self.best_epoch, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs,
             "stop_reason": self.stop_reason, "history": self.history, "n_particles": len(self.particles),
             "particle_rows": None if self.rows is None else torch.from_numpy(np.asarray(self.rows, np.int64)),
-            "band_epochs": self.band_epochs,
+            "band_epochs": self.band_epochs, ckpt.ENCODER_EXPORT: ckpt.encoder_export(self.model),
             "rng": ckpt.capture_rng_state(),
         }
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tvae_em.model.encoder import EncoderOutput
+from tvae_em.model.plain_encoder import EncoderOutput
 
 
 @dataclass

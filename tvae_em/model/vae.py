@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tvae_em.errors import UsageError
 from tvae_em.model import posterior
-from tvae_em.model.encoder import GroupConvEncoder
 from tvae_em.model.generator import SpatialGenerator, pixel_coordinates, transform_coordinates
+from tvae_em.model.plain_encoder import CellEncoder, PlainEncoder
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 CTF_MODES = ("none", "full", "flipped")  # no CTF; the CTF; |CTF| (images already multiplied by sign(CTF))
@@ -137,15 +138,25 @@ class PoseEstimate:
     translation_mass: torch.Tensor  # (B,) q(t | y) within one pixel of the chosen position
 
 
+class EscnnMissing(UsageError):
+    """escnn, which the trainable encoder is built from, cannot be imported (``reason``: the ImportError)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the trainable encoder needs escnn, which cannot be imported here ({reason}); install it "
+                         "(bin/install)")
+
+
 class TargetVAE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """``plain_encoder``: an inference-only encoder for exported filters (``PlainEncoder``, zero until a checkpoint's
+    export is loaded into it), built without escnn; otherwise escnn's trainable ``GroupConvEncoder``."""
+
+    def __init__(self, config: ModelConfig, plain_encoder: bool = False):
         super().__init__()
         if config.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
         self.config = config
-        self.encoder = GroupConvEncoder(config.rotations, config.z_dim, config.encoder_fields,
-                                        config.encoder_kernel, config.encoder_padding, config.subpixel,
-                                        theta_logstd_init=math.log(config.priors().theta_std()))
+        self.encoder = _plain_encoder(config) if plain_encoder else _group_conv_encoder(config)
         # the generator's frame spans image_size / 2 pixels per unit: per-pixel frequencies -> per-unit ones
         self.generator = SpatialGenerator(config.z_dim, config.generator_width, config.generator_depth,
                                           config.fourier_features, config.fourier_scale * config.image_size / 2,
@@ -277,6 +288,21 @@ class TargetVAE(nn.Module):
         if self.config.likelihood == "bernoulli":
             out = torch.sigmoid(out)
         return out.view(b, n, n)
+
+
+def _plain_encoder(config: ModelConfig) -> CellEncoder:
+    return PlainEncoder(config.rotations, config.z_dim, config.encoder_fields, config.encoder_kernel,
+                        config.encoder_padding, config.subpixel)
+
+
+def _group_conv_encoder(config: ModelConfig) -> CellEncoder:
+    try:  # imported here, so that a model with a plain encoder never imports escnn
+        from tvae_em.model.encoder import GroupConvEncoder
+    except ImportError as exc:
+        raise EscnnMissing(str(exc)) from None
+    return GroupConvEncoder(config.rotations, config.z_dim, config.encoder_fields, config.encoder_kernel,
+                            config.encoder_padding, config.subpixel,
+                            theta_logstd_init=math.log(config.priors().theta_std()))
 
 
 def _spectrum_times(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

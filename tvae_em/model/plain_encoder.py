@@ -1,0 +1,194 @@
+"""The encoder as plain torch ops on expanded filters: what training runs on escnn's filters, and what inference
+runs without escnn.
+
+``GroupConvEncoder`` (``tvae_em.model.encoder``) builds its layers from escnn modules and expands their filters;
+``plain_group_conv`` runs the layers on those filters; ``PlainEncoder`` holds a frozen copy of them, the one a
+checkpoint keeps (``GroupConvEncoder.exported_state``), so that ``embed`` and ``pose`` load a model without
+importing escnn or sampling its filter bases. Both share ``CellEncoder``: the translation grid of the output cells
+and the split of the output channels into the posterior's parameters.
+
+Speed. ``plain_group_conv`` runs the big-kernel convolution in channels-last layout and the 1x1 group convolutions
+as matrix products over the channel axis of that layout, and on CPU the first layer's filter gradient as a matrix
+product over unfolded patches. The result is the convolution escnn's own modules compute
+(``GroupConvEncoder.escnn_forward = True``, the reference it is tested against), several times faster to train, in
+bfloat16 above all (benchmarks/RESULTS.md, "Throughput").
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAKY_SLOPE = 0.01  # negative slope of escnn's LeakyReLU (its default), reproduced by the plain-torch path
+_UNFOLDED_VALUES = 1 << 22  # input patches unfolded at a time for the first layer's filter gradient
+_ROWS = 1 << 13  # cells per float32 product of the output layer in bfloat16 inference
+POINTWISE_LAYERS = 3  # 1x1 group convolutions after the big-kernel one
+
+
+@dataclass
+class EncoderOutput:
+    """Per-cell posterior parameters, each shaped (B, [C,] R, M, M): R discrete rotations, M x M positions."""
+
+    logits: torch.Tensor  # a(y): (B, R, M, M)
+    theta_mu: torch.Tensor  # mu_theta without the 2 pi r'/r offset: (B, R, M, M)
+    theta_logstd: torch.Tensor  # (B, R, M, M)
+    z_mu: torch.Tensor  # (B, Z, R, M, M)
+    z_logstd: torch.Tensor  # (B, Z, R, M, M)
+    shift_mu: torch.Tensor | None = None  # sub-pixel offset in the frame of rotation r': (B, 2, R, M, M)
+    shift_logstd: torch.Tensor | None = None  # isotropic, so rotation-invariant: (B, R, M, M)
+
+
+def output_fields(z_dim: int, subpixel: bool) -> int:
+    """Regular fields of the last layer: logit, mu_theta, log sigma_theta, mu_z and log sigma_z (z_dim each), and
+    with sub-pixel translation the offset (2) and its log sigma."""
+    return 3 + 2 * z_dim + (3 if subpixel else 0)
+
+
+class CellEncoder(nn.Module):
+    """What both encoders share: the grid of their output cells and the reading of their output channels."""
+
+    def __init__(self, rotations: int, z_dim: int, kernel: int, padding: int, subpixel: bool):
+        super().__init__()
+        self.rotations, self.z_dim, self.kernel, self.padding = rotations, z_dim, kernel, padding
+        self.subpixel = subpixel
+
+    def grid_size(self, image_size: int) -> int:
+        return image_size + 2 * self.padding - self.kernel + 1
+
+    def grid(self, image_size: int) -> torch.Tensor:
+        """Translation of every output cell in the generator frame, (M, M, 2) as (x, y) (``tvae_em.model.encoder``
+        explains the grid)."""
+        m = self.grid_size(image_size)
+        centre_px = torch.arange(m, dtype=torch.float64) - self.padding + (self.kernel - 1) / 2
+        coord = ((centre_px - image_size // 2) / (image_size / 2)).float()
+        rows, cols = torch.meshgrid(coord, coord, indexing="ij")
+        return torch.stack([cols, rows], dim=-1)
+
+    def posterior_fields(self, out: torch.Tensor) -> EncoderOutput:
+        """The last layer's output (B, C, M, M) read as the posterior's parameters."""
+        b, _, m, _ = out.shape
+        # escnn lays out regular fields contiguously: channel = field * R + rotation element. One split, not
+        # indexing: autograd joins split gradients in one pass, where each index would zero a full-size tensor.
+        z = self.z_dim
+        sizes = [1, 1, 1, z, z] + ([2, 1] if self.subpixel else [])
+        logits, theta_mu, theta_logstd, z_mu, z_logstd, *shift = out.view(b, -1, self.rotations, m, m).split(
+            sizes, dim=1)
+        result = EncoderOutput(logits=logits.squeeze(1), theta_mu=theta_mu.squeeze(1),
+                               theta_logstd=theta_logstd.squeeze(1), z_mu=z_mu, z_logstd=z_logstd)
+        if self.subpixel:
+            result.shift_mu, result.shift_logstd = shift[0], shift[1].squeeze(1)
+        return result
+
+
+class PlainEncoder(CellEncoder):
+    """The exported encoder without escnn: frozen expanded filters (buffers ``weight0``, ``bias0``, ... as
+    ``GroupConvEncoder.exported_state`` writes them) run by ``plain_group_conv``. Inference only."""
+
+    def __init__(self, rotations: int, z_dim: int, fields: int, kernel: int, padding: int, subpixel: bool = False):
+        super().__init__(rotations, z_dim, kernel, padding, subpixel)
+        hidden, out = fields * rotations, output_fields(z_dim, subpixel) * rotations
+        shapes = [(hidden, 1, kernel, kernel), *[(hidden, hidden, 1, 1)] * (POINTWISE_LAYERS - 1),
+                  (out, hidden, 1, 1)]
+        for layer, shape in enumerate(shapes):
+            self.register_buffer(f"weight{layer}", torch.zeros(shape))
+            self.register_buffer(f"bias{layer}", torch.zeros(shape[0]))
+
+    def export(self) -> None:
+        """Nothing to do: the filters are the exported ones (``GroupConvEncoder.export`` has the same name)."""
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        filters = [(getattr(self, f"weight{layer}"), getattr(self, f"bias{layer}"))
+                   for layer in range(POINTWISE_LAYERS + 1)]
+        return self.posterior_fields(plain_group_conv(images, filters, self.padding))
+
+
+def plain_state(filters: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Expanded (filter, bias) pairs, layer by layer, as ``PlainEncoder``'s state: CPU float32 copies."""
+    state = {}
+    for layer, (weight, bias) in enumerate(filters):
+        state[f"weight{layer}"] = weight.detach().float().cpu().clone()
+        state[f"bias{layer}"] = bias.detach().float().cpu().clone()
+    return state
+
+
+def plain_group_conv(images: torch.Tensor, filters: list, padding: int) -> torch.Tensor:
+    """The encoder's layers on expanded filters: big-kernel conv, then LeakyReLU + 1x1 conv three times.
+
+    Channels-last layout throughout: the first convolution writes (B, M, M, C) memory, on which each 1x1 group
+    convolution is one matrix product (``F.linear``) over the channel axis. Activations are applied in place on
+    whole tensors (never on views, which would make autograd copy their gradients back into the base), so
+    autograd keeps one tensor per layer. Returns float32 (B, C_out, M, M).
+    """
+    (first, first_bias), *pointwise = filters
+    if _first_layer_channels_last(images.device.type):
+        # .to, not .contiguous: with one input channel both layouts count as contiguous, and only explicit
+        # channels-last strides make the convolution write channels-last output
+        images, first = images.to(memory_format=torch.channels_last), first.to(memory_format=torch.channels_last)
+    if images.device.type == "cpu" and torch.is_grad_enabled() and first.requires_grad:
+        h = _BigKernelConv.apply(images, first, first_bias, padding)
+    else:
+        h = F.conv2d(images, first, first_bias, padding=padding)
+    b, _, m, _ = h.shape
+    # (B M M, C): a view of channels-last output, a copy of NCHW output
+    h = F.leaky_relu(h, LEAKY_SLOPE, inplace=True).permute(0, 2, 3, 1).reshape(b * m * m, -1)
+    *hidden, (last, last_bias) = pointwise
+    for weight, bias in hidden:
+        h = F.leaky_relu(F.linear(h, weight.flatten(1), bias), LEAKY_SLOPE, inplace=True)
+    h = _output_layer(h, last.flatten(1), last_bias)
+    # one pass for both the layout and the cast: the posterior works in float32 on every cell
+    return h.view(b, m, m, -1).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+
+
+def _output_layer(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The last 1x1 layer. In inference under autocast it runs in float32 on rows of a few thousand cells at a
+    time: rounding the attention logits to bfloat16 (steps of 0.25 at 50) would move the most probable cell of
+    ambiguous particles; the layer has few outputs, so float32 costs little there."""
+    if torch.is_grad_enabled() or not torch.is_autocast_enabled(h.device.type):
+        return F.linear(h, weight, bias)
+    with torch.autocast(h.device.type, enabled=False):
+        bias = None if bias is None else bias.float()
+        return torch.cat([F.linear(rows.float(), weight.float(), bias) for rows in h.split(_ROWS)])
+
+
+def _first_layer_channels_last(device_type: str) -> bool:
+    """Layout of the big-kernel convolution. On CPU, channels-last is 4x faster in bfloat16 but up to 2x slower
+    in float32 (measured at 50 and 100 px boxes); GPUs' tensor cores favour channels-last (not measured here)."""
+    return device_type != "cpu" or torch.is_autocast_enabled("cpu")
+
+
+class _BigKernelConv(torch.autograd.Function):
+    """``F.conv2d`` whose filter gradient is a matrix product over unfolded input patches (CPU only).
+
+    oneDNN's filter gradient for one input channel and a kernel of half the box is 2-4x slower than the
+    convolution itself (bfloat16 and float32); the patches of a few images at a time turn it into one
+    well-shaped matrix product. The images need no gradient (they are data); the filter and bias get exact ones.
+    Under autocast the inputs are cast as ``F.conv2d`` would cast them, and the gradients are returned to them.
+    """
+
+    @staticmethod
+    def forward(ctx, images, weight, bias, padding):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        with torch.autocast("cpu", enabled=False):
+            images, weight = images.to(dtype), weight.to(dtype)  # strides (the layout) preserved
+            bias = None if bias is None else bias.to(dtype)
+            ctx.save_for_backward(images)
+            ctx.padding, ctx.kernel, ctx.dtypes = padding, weight.shape[-1], (weight.dtype, bias is not None)
+            return F.conv2d(images, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (images,) = ctx.saved_tensors
+        dtype, has_bias = ctx.dtypes
+        grad = grad.to(dtype)
+        k, channels, patch = ctx.kernel, grad.shape[1], images.shape[1] * ctx.kernel ** 2
+        chunk = max(1, _UNFOLDED_VALUES // (patch * grad.shape[2] * grad.shape[3]))  # images per product
+        total = torch.promote_types(dtype, torch.float32)  # accumulate in at least float32
+        weight_grad = torch.zeros(channels, patch, dtype=total, device=grad.device)
+        for start in range(0, len(images), chunk):
+            patches = F.unfold(images[start:start + chunk], k, padding=ctx.padding)  # (c, C_in K^2, M^2)
+            rows = grad[start:start + chunk].permute(0, 2, 3, 1).reshape(-1, channels)  # (c M^2, C)
+            weight_grad += (rows.t() @ patches.transpose(1, 2).reshape(-1, patch)).to(total)
+        bias_grad = grad.to(total).sum((0, 2, 3)).to(dtype) if has_bias else None
+        return None, weight_grad.view(channels, -1, k, k).to(dtype), bias_grad, None
+
