@@ -14,6 +14,7 @@ import torch
 from tiny_run import BOX, TINY, save_run
 
 from tvae_em import checkpoint, infer
+from tvae_em.device import torch_threads
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.stack import write_stack
 from tvae_em.io.star import new_relion31_star, write_star
@@ -47,10 +48,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:most poses are uncertain")
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def assert_same_estimates(a, b):

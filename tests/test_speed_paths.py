@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tvae_em import device as device_module
+from tvae_em.device import torch_threads
 from tvae_em.model import ModelConfig, TargetVAE
 from tvae_em.model import generator as generator_module
 from tvae_em.model import plain_encoder as plain_encoder_module
@@ -29,10 +30,8 @@ SMALL = dict(image_size=28, rotations=8, encoder_fields=4, encoder_kernel=15, en
 @pytest.fixture(autouse=True)
 def one_thread():
     """Small ops on 2 threads stall on a busy shared machine; one thread keeps this file fast and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
