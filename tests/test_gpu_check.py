@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_runs_on_the_cpu(mnist_dir):
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--quick", "--mnist",
                            str(mnist_dir)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     table = done.stdout.splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| check")]
     assert len(rows) == 4, done.stdout
