@@ -158,6 +158,19 @@ def test_ctf_requests_resolve_from_the_particles(capsys):
         ctf_mode("on", without)
 
 
+
+def test_an_incomplete_ctf_is_refused_only_where_it_would_be_modelled(tmp_path, capsys):
+    """Defocus values without the rest of a CTF (no spherical aberration): --ctf none trains on them, with the
+    note that the latents may follow defocus; auto and on name the missing column."""
+    path = _star(tmp_path, {"rlnDefocusU": [1e4] * 3}, {"rlnVoltage": [300.0, 300.0]})
+    particles = open_particles(path)
+    capsys.readouterr()
+    assert ctf_mode("none", particles) == "none"
+    assert "neither modelled (--ctf none) nor corrected" in capsys.readouterr().err
+    for request in ("auto", "on"):
+        with pytest.raises(InputError, match=f"{path}: no _rlnDefocusV column"):
+            ctf_mode(request, particles)
+
 # --- the model and training -----------------------------------------------------------------------------------
 
 TINY = dict(image_size=16, rotations=4, encoder_fields=2, generator_width=8, fourier_features=8,

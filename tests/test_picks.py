@@ -194,3 +194,13 @@ def test_pick_scale_must_be_a_positive_finite_number(tmp_path, scale):
         read_picks(path, scale=scale)
     table, x, y = read_picks(path, threshold=0.0, scale=0.5)
     assert table["rlnCoordinateX"].tolist() == ["25.0", "35.0", "47.5"] and y.tolist() == [15.0, 30.0, 10.0]
+
+
+@pytest.mark.parametrize("option", [["--pick-scale", "4"], ["--threshold", "0.5"], ["--box", "16"],
+                                    ["--micrographs", "mics/*.mrc"]])
+def test_pick_options_without_picks_are_refused_not_ignored(tmp_path, make_stack, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)
+    make_stack("particles.mrcs", np.zeros((2, 16, 16), np.float32))
+    code, lines = preprocess_cli(["preprocess", "particles.mrcs", "-o", "prep", *option], capsys)
+    assert code == 2 and lines == [f"error: {option[0]} only apply to Topaz picks (--picks), not to a particle file"]
+    assert not (tmp_path / "prep").exists()

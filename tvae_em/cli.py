@@ -151,6 +151,11 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
         path = prep.preprocess_picks(picks, micrographs, extract_box, out_dir, threshold=threshold,
                                      downsample=box, pixel_size=apix, pick_scale=pick_scale, **options)
     elif star:
+        pick_options = {"--micrographs": micrographs, "--box": extract_box, "--threshold": threshold,
+                        "--pick-scale": pick_scale}
+        given = [name for name, value in pick_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to Topaz picks (--picks), not to a particle file")
         path = prep.preprocess_star(star, out_dir, box=box, datadir=datadir, phase_flip=phase_flip,
                                     pixel_size=apix, **options)
     else:

@@ -933,12 +933,23 @@ def ctf_mode(request: str, particles, note: bool = True) -> str:
         raise UsageError(f"--ctf must be one of {', '.join(CTF_REQUESTS)}, not {request!r}")
     if request == "on" and particles.ctf is None:
         raise UsageError("--ctf on: the particles carry no defocus values (_rlnDefocusU)")
-    if request == "none" or particles.ctf is None:
-        if note and request == "none" and particles.ctf is not None and not particles.ctf_flipped:
+    if request == "none":
+        if note and _carries_defocus(particles) and not particles.ctf_flipped:
             console.note("note: the particles carry defocus values but the CTF is neither modelled (--ctf none) "
                          "nor corrected (preprocess --phase-flip): latents and clusters will follow defocus too")
         return "none"
+    if particles.ctf is None:
+        return "none"
     return "flipped" if particles.ctf_flipped else "full"
+
+
+def _carries_defocus(particles) -> bool:
+    """Whether the particles have defocus values, also where the rest of a CTF is missing (which only a model of
+    the CTF needs: ``--ctf none`` trains on such a STAR)."""
+    try:
+        return particles.ctf is not None
+    except InputError:
+        return True
 
 
 def _listing(indices: torch.Tensor, shown: int = 5) -> str:
