@@ -119,10 +119,10 @@ cli.command_class = _Command
 @click.option("--micrographs", help="Glob of the micrograph MRC files the picks refer to, e.g. 'mics/*.mrc'.")
 @click.option("--box", "extract_box", type=int, help="Box size (pixels) to extract around each pick.")
 @click.option("--threshold", type=float, help="Keep only picks with score at or above this value.")
-@click.option("--pick-scale", type=float, default=1.0, show_default=True,
+@click.option("--pick-scale", type=float,
               help="Multiply the pick coordinates by this factor: picks made on micrographs downsampled by it "
                    "(as Topaz's -x/--up-scale does; e.g. 8 after 'topaz preprocess -s 8'). The output STAR holds "
-                   "the scaled coordinates.")
+                   "the scaled coordinates. Default 1: picks made on the micrographs given.")
 @click.option("--apix", type=float,
               help="Pixel size of the input images in Angstrom, replacing a wrong or missing one of the STAR file "
                    "(every optics group) or the MRC headers; the output carries it (times the -D cropping factor).")
@@ -149,7 +149,8 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
         if phase_flip:
             raise UsageError("--phase-flip needs defocus values, which Topaz picks do not carry")
         path = prep.preprocess_picks(picks, micrographs, extract_box, out_dir, threshold=threshold,
-                                     downsample=box, pixel_size=apix, pick_scale=pick_scale, **options)
+                                     downsample=box, pixel_size=apix,
+                                     pick_scale=1.0 if pick_scale is None else pick_scale, **options)
     elif star:
         pick_options = {"--micrographs": micrographs, "--box": extract_box, "--threshold": threshold,
                         "--pick-scale": pick_scale}
