@@ -167,7 +167,7 @@ def test_load_model_returns_the_best_weights_ready_for_inference(finished_run):
     model, config = ckpt.load_model(run_dir, for_inference=False)
     assert config == ModelConfig(**MODEL) and not model.training
     best = ckpt.read_checkpoint(result.best_checkpoint)["model_state"]
-    assert_same_parameters(model.state_dict(), best)
+    assert_same_parameters(ckpt.model_state(model), best)  # the bases rebuilt, matching their fingerprints
     images = torch.from_numpy(particles.images[:3])
     model.encoder.export()
     estimate = model.encode(images)
@@ -690,3 +690,35 @@ def test_resume_of_a_run_without_a_completed_epoch_asks_for_a_new_start(cli_copy
     assert tvae_em(["train", "particles.star", "--resume", "empty"]) == 2
     assert messages(capsys) == ["error: empty holds no completed epoch, so no settings to resume with: start it "
                                 "again with -o empty and its options"]
+
+
+def checkpoint_with(state: dict, path: Path) -> Path:
+    ckpt.save_checkpoint({"model_config": ModelConfig(**MODEL).to_dict(), "train_config": {}, "model_state": state,
+                          "epoch": 1}, path)
+    return path
+
+
+def test_checkpoints_keep_a_fingerprint_of_each_filter_basis_instead_of_the_basis(tmp_path):
+    model = ckpt.build_model(ModelConfig(**MODEL), seed=3)
+    state = ckpt.model_state(model)
+    assert not [name for name in state if name.endswith(".sampled_basis")]
+    fingerprints = [name for name in state if name.endswith(".sampled_basis_fingerprint")]
+    assert len(fingerprints) == 4  # the first layer's and the three 1x1 layers' (escnn shares one among them)
+    slim = checkpoint_with(state, tmp_path / "slim.pt")
+    full = checkpoint_with(dict(model.state_dict()), tmp_path / "full.pt")  # as checkpoints were before
+    assert slim.stat().st_size < 0.7 * full.stat().st_size
+    images = torch.from_numpy(blobs(3))
+    expected = model.eval().encode(images)
+    for path in (slim, full):  # the bases rebuilt with the model, or read from an older checkpoint
+        loaded, _ = ckpt.load_model(path, for_inference=False)
+        for name, value in vars(loaded.encode(images)).items():
+            assert torch.equal(value, getattr(expected, name)), (path.name, name)
+
+
+def test_a_filter_basis_unlike_the_one_trained_with_is_refused(tmp_path):
+    state = ckpt.model_state(ckpt.build_model(ModelConfig(**MODEL), seed=3))
+    name = next(name for name in state if name.endswith(".sampled_basis_fingerprint"))
+    state[name] = state[name] * torch.tensor([1.0, 1.01, 1.0], dtype=torch.float64)  # another escnn's sampling
+    path = checkpoint_with(state, tmp_path / "other_escnn.pt")
+    with pytest.raises(InputError, match=f"^{path}: escnn .* samples the encoder's filter bases differently"):
+        ckpt.load_model(path, for_inference=False)

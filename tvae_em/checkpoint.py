@@ -9,12 +9,15 @@ any other version instead of misreading the layout.
 Besides the learned state, a checkpoint keeps the encoder's expanded filters (``ENCODER_EXPORT``, the state of a
 ``PlainEncoder``), from which ``load_model`` builds the model for inference without importing escnn or sampling
 its filter bases. Checkpoints written before it are read through escnn; ``python -m tvae_em.checkpoint
-RUN_OR_CHECKPOINT`` adds it to them (where escnn is installed).
+RUN_OR_CHECKPOINT`` adds it to them (where escnn is installed). escnn's sampled filter bases are not kept (they are
+rebuilt with the model), only a fingerprint of each that loading checks: a checkpoint of the default model at
+100 px is 35 MB instead of 330.
 """
 
 import io
 import random
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,11 @@ ENCODER_EXPORT = "encoder_export"
 # escnn's R2Conv caches its expanded filter and bias as buffers that exist only in some train/eval states;
 # they are recomputed from the weights, so checkpoints leave them out and loading tolerates their absence.
 _DERIVED_BUFFERS = (".filter", ".expanded_bias")
+# escnn's sampled filter bases are fixed by the configuration and rebuilt with the model: most of a checkpoint's
+# bytes at cryo-EM boxes (269 of 278 MB at 100 px), so a checkpoint keeps only a fingerprint of each, which
+# loading compares with the rebuilt basis (an escnn that samples its bases otherwise would change every filter).
+_SAMPLED_BASIS = ".sampled_basis"
+_FINGERPRINT = "_fingerprint"
 
 
 def build_model(config: ModelConfig, seed: int = 0, plain_encoder: bool = False) -> TargetVAE:
@@ -59,9 +67,25 @@ def build_model(config: ModelConfig, seed: int = 0, plain_encoder: bool = False)
 
 
 def model_state(model: torch.nn.Module) -> dict:
-    """The model's learned state on the CPU, without escnn's derived filter caches."""
-    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()
-            if not name.endswith(_DERIVED_BUFFERS)}
+    """The model's learned state on the CPU, without escnn's derived filter caches, and each sampled filter basis
+    replaced with its fingerprint (``basis_fingerprint``)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(_SAMPLED_BASIS):
+            state[name + _FINGERPRINT] = basis_fingerprint(tensor)
+        elif not name.endswith(_DERIVED_BUFFERS):
+            state[name] = tensor.detach().cpu().clone()
+    return state
+
+
+def basis_fingerprint(basis: torch.Tensor) -> torch.Tensor:
+    """(norm, projection on a fixed random direction, element count) in float64: equal within float rounding for
+    the same basis sampled on any machine, different for a basis reordered, rescaled or resized."""
+    values = basis.detach().cpu().double().flatten().numpy()
+    direction = np.random.default_rng(0).standard_normal(values.size)
+    # numpy's pairwise sums, not a BLAS dot product whose rounding follows the thread count
+    return torch.tensor([np.sqrt(np.sum(values * values)), np.sum(values * direction), float(values.size)],
+                        dtype=torch.float64)
 
 
 def encoder_export(model: TargetVAE) -> dict:
@@ -83,23 +107,50 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if not_finite:
         raise InputError(path, f"model weights contain NaN or infinite values (in {', '.join(not_finite[:3])})")
+    state = dict(state)
+    fingerprints = {name: state.pop(name) for name in list(state) if name.endswith(_SAMPLED_BASIS + _FINGERPRINT)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
         problem = f"model weights do not fit the model configuration ({first_line(exc)})"
         raise InputError(path, problem) from None
-    missing = [name for name in missing if not name.endswith(_DERIVED_BUFFERS)]
+    _check_bases(model, fingerprints, path)
+    missing = [name for name in missing if not name.endswith(_DERIVED_BUFFERS)
+               and not (name.endswith(_SAMPLED_BASIS) and name + _FINGERPRINT in fingerprints)]
     if missing or unexpected:
         raise InputError(path, f"model weights do not fit the model (missing {missing[:3]}, "
                                f"unexpected {list(unexpected)[:3]})")
 
 
+def _check_bases(model: torch.nn.Module, fingerprints: dict, path) -> None:
+    """InputError unless every sampled filter basis the model rebuilt matches the fingerprint it was saved with."""
+    buffers = dict(model.named_buffers(remove_duplicate=False))  # escnn shares one basis between layers
+    for key, saved in fingerprints.items():
+        basis = buffers.get(key[:-len(_FINGERPRINT)])
+        if basis is None:
+            raise InputError(path, f"model weights do not fit the model (unexpected {key})")
+        rebuilt = basis_fingerprint(basis)
+        if saved.shape != rebuilt.shape or not torch.allclose(saved.double(), rebuilt, rtol=1e-5,
+                                                               atol=1e-6 * float(rebuilt[0])):
+            raise InputError(path, f"escnn {_escnn_version()} samples the encoder's filter bases differently "
+                                   "from the escnn the model was trained with (the checkpoint's 'escnn_version'): "
+                                   "install that one to train on or re-save this model")
+
+
 def save_checkpoint(state: dict, path) -> None:
-    """Write ``state`` (plus format and package versions) to ``path`` atomically."""
+    """Write ``state`` (plus format, tvae-em and escnn versions) to ``path`` atomically."""
     buffer = io.BytesIO()  # torch.save to a file turns a full disk into an opaque C++ error: write it ourselves
-    torch.save({"format_version": FORMAT_VERSION, "version": __version__, **state}, buffer)
+    torch.save({"format_version": FORMAT_VERSION, "version": __version__, "escnn_version": _escnn_version(),
+                **state}, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
+
+
+def _escnn_version() -> str:
+    try:
+        return metadata.version("escnn")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
