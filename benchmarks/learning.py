@@ -74,13 +74,22 @@ CTF_VARIANTS = {"no CTF in the data": (False, [], "auto"), "CTF modelled (--ctf 
                 "phase flipped (preprocess --phase-flip), --ctf none": (True, ["--phase-flip"], "none")}
 
 
+def cryoem_model(fourier_features: int | None) -> list[str]:
+    """The study's model options, with another number of the generator's Fourier features if given."""
+    if fourier_features is None:
+        return CRYOEM_MODEL
+    at = CRYOEM_MODEL.index("--fourier-features") + 1
+    return [*CRYOEM_MODEL[:at], str(fourier_features), *CRYOEM_MODEL[at + 1:]]
+
+
 def run_cryoem(seed: int, workdir: Path, preset: str, variant: str = "no CTF in the data",
-               train_apix: float = TRAIN_APIX) -> dict:
+               train_apix: float = TRAIN_APIX, fourier_features: int | None = None) -> dict:
     """One run of the cryoem or ctf study; ``train_apix`` sets how many CTF rings fall inside the box (the
     objects are the same size in pixels at every pixel size)."""
     with_ctf, preprocess_options, ctf = CTF_VARIANTS[variant]
     name = f"cryoem_{preset}_{re.sub(r'[^a-z]+', '_', variant.lower()).strip('_')}_seed{seed}"
-    out = workdir / (name if train_apix == TRAIN_APIX else f"{name}_apix{train_apix:g}")
+    name += "" if train_apix == TRAIN_APIX else f"_apix{train_apix:g}"
+    out = workdir / (name if fourier_features is None else f"{name}_ff{fourier_features}")
     log = out / "stderr.log"
     out.mkdir(parents=True, exist_ok=True)
     sim = simulate.write_particles(out / "sim", CRYOEM_PARTICLES, box=CRYOEM_SIM_BOX, n_objects=2, snr=1.0,
@@ -91,7 +100,7 @@ def run_cryoem(seed: int, workdir: Path, preset: str, variant: str = "no CTF in 
     tvae("preprocess", sim, "-o", out / "prep", "-D", CRYOEM_BOX, *preprocess_options, log=log)
     prep = out / "prep" / "particles.star"
     train_s = tvae("train", prep, "-o", out / "run", "--preset", preset, "--epochs", CRYOEM_EPOCHS, "--seed",
-                   seed, "--ctf", ctf, *CRYOEM_MODEL, log=log)
+                   seed, "--ctf", ctf, *cryoem_model(fourier_features), log=log)
     tvae("embed", out / "run", prep, "-o", out / "embedded.star", "--clusters", 2, log=log)
     tvae("pose", out / "run", prep, "-o", out / "posed.star", log=log)
     wall = time.perf_counter() - start
@@ -132,24 +141,29 @@ def main(argv=None) -> str:
                         help="training recipe of the cryoem and ctf studies (the demo always runs as shipped)")
     parser.add_argument("--train-apix", type=float, default=TRAIN_APIX,
                         help="Å per pixel in training for the cryoem and ctf studies (finer: more CTF rings)")
+    parser.add_argument("--fourier-features", type=int,
+                        help="the generator's Fourier features in the cryoem and ctf studies (default: "
+                             f"{CRYOEM_MODEL[CRYOEM_MODEL.index('--fourier-features') + 1]})")
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out" / "learning")
     parser.add_argument("--results", type=Path, nargs="?", const=DEFAULT_RESULTS, default=None,
                         help="also write each study's table into its section of this file")
     args = parser.parse_args(argv)
     header = [f"Machine: {machine()}; one run at a time, everything through the `tvae-em` command line.", ""]
-    model = f"`train --preset {args.preset} --epochs {CRYOEM_EPOCHS} {' '.join(CRYOEM_MODEL)}`"
+    model = f"`train --preset {args.preset} --epochs {CRYOEM_EPOCHS} {' '.join(cryoem_model(args.fourier_features))}`"
     particles = f"{CRYOEM_PARTICLES} particles of {CRYOEM_BOX} px of {args.train_apix:g} Å, SNR 1"
     bodies = {}
     if "demo" in args.studies:
         rows = [run_demo(seed, args.workdir) for seed in args.seeds]
         bodies["demo"] = table("`tvae-em demo -o DIR --seed S` (the README's command)", rows)
     if "cryoem" in args.studies:
-        rows = [run_cryoem(seed, args.workdir, args.preset, train_apix=args.train_apix) for seed in args.seeds]
+        rows = [run_cryoem(seed, args.workdir, args.preset, train_apix=args.train_apix,
+                           fourier_features=args.fourier_features) for seed in args.seeds]
         bodies["cryoem"] = table(f"Two conformations, {particles}: {model}", rows)
     if "ctf" in args.studies:
         bodies["ctf"] = []
         for variant in list(CTF_VARIANTS)[1:]:
-            rows = [run_cryoem(seed, args.workdir, args.preset, variant, args.train_apix) for seed in args.seeds]
+            rows = [run_cryoem(seed, args.workdir, args.preset, variant, args.train_apix, args.fourier_features)
+                    for seed in args.seeds]
             bodies["ctf"] += table(f"Two conformations through a CTF (defocus 1.0-2.5 um, astigmatism up to 600 Å), "
                                    f"{particles}; {variant}: {model}", rows)
     text = "\n".join(header + [line for body in bodies.values() for line in body])

@@ -181,10 +181,11 @@ def run_in_fresh_process(job: Job) -> dict:
 
 # --- the table -----------------------------------------------------------------------------------------------
 
-def rows_for(config_name: str, device: torch.device, batch: int, quick: bool) -> list[dict]:
+def rows_for(config_name: str, device: torch.device, batch: int, quick: bool,
+             paths: tuple = ("naive", "fast")) -> list[dict]:
     config = ModelConfig(**CONFIGS[config_name])
     rows = []
-    for path in ("naive", "fast"):
+    for path in paths:
         bf16 = path == "fast" and fast_uses_bf16(device)
         row = {"config": config_name, "device": device.type, "path": path, "batch": batch,
                "precision": "bf16 autocast" if bf16 else "fp32"}
@@ -217,10 +218,12 @@ def markdown(rows: list[dict], memory_label: str) -> str:
             naive[key] = row
             ratios = "1 / 1"
             memory = "1"
-        else:
+        elif key in naive:
             base = naive[key]
             ratios = f"{row['train_ips'] / base['train_ips']:.1f}x / {row['infer_ips'] / base['infer_ips']:.1f}x"
             memory = f"{row['train_mem'] / base['train_mem']:.2f}x"
+        else:  # --paths fast
+            ratios = memory = "—"
         lines.append(f"| {row['config']} | {row['device']} | {row['path']} | {row['batch']} | "
                      f"{row['precision']} | {row['train_ips']:.1f} | {row['train_floor']:.1f} | "
                      f"{row['infer_ips']:.1f} | {row['infer_floor']:.1f} | "
@@ -249,7 +252,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto (CPU, and the GPU when present), cpu or cuda")
     parser.add_argument("--configs", default="mnist,cryoem", help="comma-separated: mnist, cryoem")
     parser.add_argument("--cpu-cryoem-batch", type=int, default=10, help="batch of the cryo-EM configuration on CPU")
+    parser.add_argument("--paths", default="naive,fast", help="comma-separated: naive, fast")
+    parser.add_argument("--fourier-features", type=int,
+                        help="the generator's Fourier features in every configuration (default: the paper's 1024)")
     args = parser.parse_args(argv)
+    if args.fourier_features is not None:
+        for config in CONFIGS.values():
+            config["fourier_features"] = args.fourier_features
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
@@ -262,7 +271,7 @@ def main(argv=None) -> None:
         rows = []
         for config_name in args.configs.split(","):
             batch = args.cpu_cryoem_batch if (config_name == "cryoem" and device.type == "cpu") else BATCH
-            rows += rows_for(config_name, device, batch, args.quick)
+            rows += rows_for(config_name, device, batch, args.quick, tuple(args.paths.split(",")))
         print(f"\n**{device.type}**: {machine_line(device)}; torch.mm rate fp32 "
               f"{2 * rates[torch.float32] / 1e12:.2f} TFLOP/s, bf16 {2 * rates[torch.bfloat16] / 1e12:.2f} TFLOP/s "
               "at the start (each row's floor uses the rate measured with it)\n")
