@@ -17,13 +17,12 @@ rebuilt with the model), only a fingerprint of each that loading checks: a check
 import io
 import random
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tvae_em import __version__
+from tvae_em import __version__, console
 from tvae_em.errors import InputError, TvaeError
 from tvae_em.io.atomic import atomic_path, locked_folder
 from tvae_em.io.files import regular_file
@@ -70,7 +69,7 @@ def model_state(model: torch.nn.Module) -> dict:
     """The model's learned state on the CPU, without escnn's derived filter caches, and each sampled filter basis
     replaced with its fingerprint (``basis_fingerprint``)."""
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.state_dict(keep_vars=True).items():  # the buffers themselves: fingerprints remembered
         if name.endswith(_SAMPLED_BASIS):
             state[name + _FINGERPRINT] = basis_fingerprint(tensor)
         elif not name.endswith(_DERIVED_BUFFERS):
@@ -80,7 +79,19 @@ def model_state(model: torch.nn.Module) -> dict:
 
 def basis_fingerprint(basis: torch.Tensor) -> torch.Tensor:
     """(norm, projection on a fixed random direction, element count) in float64: equal within float rounding for
-    the same basis sampled on any machine, different for a basis reordered, rescaled or resized."""
+    the same basis sampled on any machine, different for a basis reordered, rescaled or resized. Remembered per
+    basis tensor (a few seconds at 100 px, and a run saves every epoch with the same bases)."""
+    known = getattr(basis, _REMEMBERED, None)
+    if known is None or known[0] != basis._version:  # _version counts in-place changes
+        known = (basis._version, _fingerprint(basis))
+        setattr(basis, _REMEMBERED, known)  # on the buffer itself: no table of tensors to keep or clean up
+    return known[1].clone()
+
+
+_REMEMBERED = "_tvae_fingerprint"
+
+
+def _fingerprint(basis: torch.Tensor) -> torch.Tensor:
     values = basis.detach().cpu().double().flatten().numpy()
     direction = np.random.default_rng(0).standard_normal(values.size)
     # numpy's pairwise sums, not a BLAS dot product whose rounding follows the thread count
@@ -91,9 +102,8 @@ def basis_fingerprint(basis: torch.Tensor) -> torch.Tensor:
 def encoder_export(model: TargetVAE) -> dict:
     """The checkpoint field ``ENCODER_EXPORT``: the encoder's expanded filters as a ``PlainEncoder`` holds them.
 
-    Small enough for every checkpoint to keep it: with the default 8 rotations and 128 fields, 13 MB beside 25 MB of
-    learned state at 50 px and 26 MB beside 278 MB at 100 px (most of the learned state is escnn's sampled filter
-    bases).
+    Small enough for every checkpoint to keep it: with the default 8 rotations and 128 fields, 13 MB of a 21 MB
+    checkpoint at 50 px and 26 MB of 35 MB at 100 px (before the optimiser's state).
     """
     return model.encoder.exported_state()
 
@@ -132,25 +142,18 @@ def _check_bases(model: torch.nn.Module, fingerprints: dict, path) -> None:
         rebuilt = basis_fingerprint(basis)
         if saved.shape != rebuilt.shape or not torch.allclose(saved.double(), rebuilt, rtol=1e-5,
                                                                atol=1e-6 * float(rebuilt[0])):
-            raise InputError(path, f"escnn {_escnn_version()} samples the encoder's filter bases differently "
-                                   "from the escnn the model was trained with (the checkpoint's 'escnn_version'): "
-                                   "install that one to train on or re-save this model")
+            raise InputError(path, f"escnn {console.versions()['escnn']} samples the encoder's filter bases "
+                                   "differently from the escnn the model was trained with (the checkpoint's "
+                                   "'escnn_version'): install that one to train on or re-save this model")
 
 
 def save_checkpoint(state: dict, path) -> None:
     """Write ``state`` (plus format, tvae-em and escnn versions) to ``path`` atomically."""
     buffer = io.BytesIO()  # torch.save to a file turns a full disk into an opaque C++ error: write it ourselves
-    torch.save({"format_version": FORMAT_VERSION, "version": __version__, "escnn_version": _escnn_version(),
-                **state}, buffer)
+    torch.save({"format_version": FORMAT_VERSION, "version": __version__,
+                "escnn_version": console.versions()["escnn"], **state}, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
-
-
-def _escnn_version() -> str:
-    try:
-        return metadata.version("escnn")
-    except metadata.PackageNotFoundError:
-        return "(not installed)"
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:

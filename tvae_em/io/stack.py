@@ -317,5 +317,4 @@ def relion_path(path) -> str:
 def image_names(count: int, stack_path) -> list[str]:
     """The rlnImageName of each of the ``count`` images of a stack written at ``stack_path``, as RELION names them
     ('000001@' and the ``relion_path`` of the stack)."""
-    name = relion_path(stack_path)
-    return [f"{i:06d}@{name}" for i in range(1, count + 1)]
+    return image_name_texts(np.arange(1, count + 1), relion_path(stack_path)).tolist()
