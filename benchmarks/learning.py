@@ -74,22 +74,28 @@ CTF_VARIANTS = {"no CTF in the data": (False, [], "auto"), "CTF modelled (--ctf 
                 "phase flipped (preprocess --phase-flip), --ctf none": (True, ["--phase-flip"], "none")}
 
 
-def cryoem_model(fourier_features: int | None) -> list[str]:
-    """The study's model options, with another number of the generator's Fourier features if given."""
-    if fourier_features is None:
-        return CRYOEM_MODEL
-    at = CRYOEM_MODEL.index("--fourier-features") + 1
-    return [*CRYOEM_MODEL[:at], str(fourier_features), *CRYOEM_MODEL[at + 1:]]
+def cryoem_model(fourier_features: int | None, pointwise: str | None = None, random_phase: bool = False
+                 ) -> list[str]:
+    """The study's model options, with another number of the generator's Fourier features, another kind of
+    encoder 1x1 layers and phase-shifted cosines if given."""
+    options = list(CRYOEM_MODEL)
+    if fourier_features is not None:
+        options[options.index("--fourier-features") + 1] = str(fourier_features)
+    return (options + ([] if pointwise is None else ["--encoder-pointwise", pointwise])
+            + (["--fourier-random-phase"] if random_phase else []))
 
 
 def run_cryoem(seed: int, workdir: Path, preset: str, variant: str = "no CTF in the data",
-               train_apix: float = TRAIN_APIX, fourier_features: int | None = None) -> dict:
+               train_apix: float = TRAIN_APIX, fourier_features: int | None = None,
+               pointwise: str | None = None, random_phase: bool = False) -> dict:
     """One run of the cryoem or ctf study; ``train_apix`` sets how many CTF rings fall inside the box (the
     objects are the same size in pixels at every pixel size)."""
     with_ctf, preprocess_options, ctf = CTF_VARIANTS[variant]
     name = f"cryoem_{preset}_{re.sub(r'[^a-z]+', '_', variant.lower()).strip('_')}_seed{seed}"
     name += "" if train_apix == TRAIN_APIX else f"_apix{train_apix:g}"
-    out = workdir / (name if fourier_features is None else f"{name}_ff{fourier_features}")
+    name += "" if fourier_features is None else f"_ff{fourier_features}"
+    name += "" if pointwise is None else f"_{pointwise}"
+    out = workdir / (f"{name}_random_phase" if random_phase else name)
     log = out / "stderr.log"
     out.mkdir(parents=True, exist_ok=True)
     sim = simulate.write_particles(out / "sim", CRYOEM_PARTICLES, box=CRYOEM_SIM_BOX, n_objects=2, snr=1.0,
@@ -100,7 +106,7 @@ def run_cryoem(seed: int, workdir: Path, preset: str, variant: str = "no CTF in 
     tvae("preprocess", sim, "-o", out / "prep", "-D", CRYOEM_BOX, *preprocess_options, log=log)
     prep = out / "prep" / "particles.star"
     train_s = tvae("train", prep, "-o", out / "run", "--preset", preset, "--epochs", CRYOEM_EPOCHS, "--seed",
-                   seed, "--ctf", ctf, *cryoem_model(fourier_features), log=log)
+                   seed, "--ctf", ctf, *cryoem_model(fourier_features, pointwise, random_phase), log=log)
     tvae("embed", out / "run", prep, "-o", out / "embedded.star", "--clusters", 2, log=log)
     tvae("pose", out / "run", prep, "-o", out / "posed.star", log=log)
     wall = time.perf_counter() - start
@@ -147,9 +153,14 @@ def main(argv=None) -> str:
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out" / "learning")
     parser.add_argument("--results", type=Path, nargs="?", const=DEFAULT_RESULTS, default=None,
                         help="also write each study's table into its section of this file")
+    parser.add_argument("--encoder-pointwise", choices=["group", "shared"],
+                        help="the encoder's 1x1 layers in the cryoem and ctf studies (default: train's)")
+    parser.add_argument("--fourier-random-phase", action="store_true",
+                        help="phase-shifted cosines as the generator's inputs in the cryoem and ctf studies")
     args = parser.parse_args(argv)
     header = [f"Machine: {machine()}; one run at a time, everything through the `tvae-em` command line.", ""]
-    model = f"`train --preset {args.preset} --epochs {CRYOEM_EPOCHS} {' '.join(cryoem_model(args.fourier_features))}`"
+    model_options = cryoem_model(args.fourier_features, args.encoder_pointwise, args.fourier_random_phase)
+    model = f"`train --preset {args.preset} --epochs {CRYOEM_EPOCHS} {' '.join(model_options)}`"
     particles = f"{CRYOEM_PARTICLES} particles of {CRYOEM_BOX} px of {args.train_apix:g} Å, SNR 1"
     bodies = {}
     if "demo" in args.studies:
@@ -157,13 +168,14 @@ def main(argv=None) -> str:
         bodies["demo"] = table("`tvae-em demo -o DIR --seed S` (the README's command)", rows)
     if "cryoem" in args.studies:
         rows = [run_cryoem(seed, args.workdir, args.preset, train_apix=args.train_apix,
-                           fourier_features=args.fourier_features) for seed in args.seeds]
+                           fourier_features=args.fourier_features, pointwise=args.encoder_pointwise,
+                           random_phase=args.fourier_random_phase) for seed in args.seeds]
         bodies["cryoem"] = table(f"Two conformations, {particles}: {model}", rows)
     if "ctf" in args.studies:
         bodies["ctf"] = []
         for variant in list(CTF_VARIANTS)[1:]:
-            rows = [run_cryoem(seed, args.workdir, args.preset, variant, args.train_apix, args.fourier_features)
-                    for seed in args.seeds]
+            rows = [run_cryoem(seed, args.workdir, args.preset, variant, args.train_apix, args.fourier_features,
+                               args.encoder_pointwise, args.fourier_random_phase) for seed in args.seeds]
             bodies["ctf"] += table(f"Two conformations through a CTF (defocus 1.0-2.5 um, astigmatism up to 600 Å), "
                                    f"{particles}; {variant}: {model}", rows)
     text = "\n".join(header + [line for body in bodies.values() for line in body])

@@ -27,7 +27,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,8 @@ class Budget:
     fourier_scale: float  # cycles per pixel
     epochs: int
     recipe: str = "default"  # TrainConfig.preset: tvae-em's recipe or the paper's
+    pointwise: str = ModelConfig.encoder_pointwise  # the encoder's 1x1 layers: 'group' or 'shared'
+    random_phase: bool = ModelConfig.fourier_random_phase  # the generator's inputs: cos(2 pi B x + phi)
 
     def train_config(self, **changes) -> TrainConfig:
         return TrainConfig.preset(self.recipe, epochs=self.epochs, **changes)
@@ -143,7 +145,8 @@ def target_config(budget: Budget, rotations: int, z_dim: int, variant: str) -> M
                        encoder_kernel=budget.kernel, encoder_padding=budget.padding,
                        generator_width=budget.generator_width, generator_depth=budget.generator_depth,
                        fourier_features=budget.fourier_features, fourier_scale=budget.fourier_scale,
-                       likelihood="bernoulli", translation_prior_std=SHIFT_STD_PX,
+                       fourier_random_phase=budget.random_phase,
+                       encoder_pointwise=budget.pointwise, likelihood="bernoulli", translation_prior_std=SHIFT_STD_PX,
                        rotation_prior="normal" if variant == "N" else "uniform")
 
 
@@ -318,9 +321,8 @@ def _recipe(budget: Budget) -> str:
             f"{config.coarse_to_fine:g} of {config.epochs} epochs)")
 
 
-def report(results: dict, budget_name: str, source: str, wall_seconds: float | None) -> str:
+def report(results: dict, budget_name: str, budget: Budget, source: str, wall_seconds: float | None) -> str:
     """The RESULTS.md section; ``wall_seconds`` is None when this invocation trained nothing."""
-    budget = BUDGETS[budget_name]
     machines = sorted({r["machine"] for r in results.values()})
     train_total = sum(r["train_seconds"] for r in results.values())
     invocation = "" if wall_seconds is None else f"; this invocation: {wall_seconds / 60:.1f} min"
@@ -380,6 +382,13 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed (initialisation, split, data order); seeds other than 0 keep their "
                              "cells in --workdir/<budget>_seed<S>")
+    parser.add_argument("--encoder-pointwise", choices=["group", "shared"], default=ModelConfig.encoder_pointwise,
+                        help="the encoder's 1x1 layers; cells with shared ones are kept in "
+                             "--workdir/<budget>[_seed<S>]_shared")
+    parser.add_argument("--fourier-random-phase", action=argparse.BooleanOptionalAction,
+                        default=ModelConfig.fourier_random_phase,
+                        help="phase-shifted cosines as the generator's inputs; such cells are kept in "
+                             "--workdir/<budget>[_seed<S>][_shared]_random_phase")
     parser.add_argument("--results", type=Path, nargs="?", const=DEFAULT_RESULTS, default=None,
                         help=f"also write the tables into this file's '{SECTION}' section "
                              f"(default {DEFAULT_RESULTS.name})")
@@ -392,8 +401,14 @@ def parse_args(argv):
 def main(argv=None) -> str:
     args = parse_args(argv)
     start = time.perf_counter()
-    budget = BUDGETS[args.budget]
+    budget = replace(BUDGETS[args.budget], pointwise=args.encoder_pointwise, random_phase=args.fourier_random_phase)
     budget_dir = args.workdir / (args.budget if args.seed == 0 else f"{args.budget}_seed{args.seed}")
+    # the folders of cells from before these options hold group 1x1 layers and [cos, sin] inputs, whatever the
+    # defaults: other kinds get their own
+    if budget.pointwise != "group":
+        budget_dir = budget_dir.with_name(f"{budget_dir.name}_{budget.pointwise}")
+    if budget.random_phase:
+        budget_dir = budget_dir.with_name(f"{budget_dir.name}_random_phase")
     digits, source = load_digits(args.data, budget)
     data = {variant: make_variant(digits, variant) for variant in args.variants}
     for cell in [] if args.report_only else grid(args):
@@ -408,7 +423,7 @@ def main(argv=None) -> str:
         if not args.quiet:
             print(json.dumps(result), file=sys.stderr)
     wall_seconds = None if args.report_only else time.perf_counter() - start
-    text = report(collect(budget_dir), args.budget, source, wall_seconds)
+    text = report(collect(budget_dir), args.budget, budget, source, wall_seconds)
     print(text)
     if args.results is not None:
         write_section(args.results, text)

@@ -75,8 +75,9 @@ def macs(config: ModelConfig, batch: int) -> dict:
     width = config.generator_width
     return {
         "first_conv": channels * config.encoder_kernel ** 2 * cells,
-        "pointwise": (2 * channels * channels + channels * n_out) * cells,
-        "generator": pixels * (2 * config.fourier_features * width + (config.generator_depth - 1) * width * width
+        "pointwise": (2 * channels * channels + channels * n_out) * cells // (
+            config.rotations if config.encoder_pointwise == "shared" else 1),
+        "generator": pixels * (config.coordinate_inputs() * width + (config.generator_depth - 1) * width * width
                                + width),
     }
 
@@ -255,10 +256,16 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", default="naive,fast", help="comma-separated: naive, fast")
     parser.add_argument("--fourier-features", type=int,
                         help="the generator's Fourier features in every configuration (default: the paper's 1024)")
+    parser.add_argument("--encoder-pointwise", choices=["group", "shared"],
+                        help="the encoder's 1x1 layers in every configuration (default: ModelConfig's)")
+    parser.add_argument("--fourier-random-phase", action="store_true", default=None,
+                        help="phase-shifted cosines as the generator's inputs in every configuration")
     args = parser.parse_args(argv)
-    if args.fourier_features is not None:
-        for config in CONFIGS.values():
-            config["fourier_features"] = args.fourier_features
+    for field, value in (("fourier_features", args.fourier_features), ("encoder_pointwise", args.encoder_pointwise),
+                         ("fourier_random_phase", args.fourier_random_phase)):
+        if value is not None:
+            for config in CONFIGS.values():
+                config[field] = value
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
@@ -272,7 +279,10 @@ def main(argv=None) -> None:
         for config_name in args.configs.split(","):
             batch = args.cpu_cryoem_batch if (config_name == "cryoem" and device.type == "cpu") else BATCH
             rows += rows_for(config_name, device, batch, args.quick, tuple(args.paths.split(",")))
-        print(f"\n**{device.type}**: {machine_line(device)}; torch.mm rate fp32 "
+        shown = ModelConfig(**CONFIGS["mnist"])
+        inputs = "cos(2 pi B x + phi)" if shown.fourier_random_phase else "[cos, sin]"
+        print(f"\n**{device.type}**, 1x1 layers {shown.encoder_pointwise}, {shown.fourier_features} Fourier "
+              f"features as {inputs}: {machine_line(device)}; torch.mm rate fp32 "
               f"{2 * rates[torch.float32] / 1e12:.2f} TFLOP/s, bf16 {2 * rates[torch.bfloat16] / 1e12:.2f} TFLOP/s "
               "at the start (each row's floor uses the rate measured with it)\n")
         print(markdown(rows, "peak GPU memory" if device.type == "cuda" else "peak RSS"))

@@ -24,10 +24,10 @@ def _blob_image(n, seed):
     return torch.from_numpy(ndimage.gaussian_filter(img, 1.0)).float()[None, None]
 
 
-@pytest.mark.parametrize("rotations", [4, 8, 16])
-def test_encoder_rotating_input_by_90_degrees_rotates_map_and_shifts_rotation_axis(rotations):
+@pytest.mark.parametrize("rotations,pointwise", [(4, "group"), (8, "group"), (16, "group"), (8, "shared")])
+def test_encoder_rotating_input_by_90_degrees_rotates_map_and_shifts_rotation_axis(rotations, pointwise):
     torch.manual_seed(rotations)
-    enc = GroupConvEncoder(rotations, z_dim=2, fields=3, kernel=7, padding=2).eval()
+    enc = GroupConvEncoder(rotations, z_dim=2, fields=3, kernel=7, padding=2, pointwise=pointwise).eval()
     image = _blob_image(17, rotations)
     out, out_rot = enc(image), enc(torch.rot90(image, 1, dims=(-2, -1)))
     for name in ("logits", "theta_mu", "z_mu"):
@@ -66,14 +66,16 @@ def test_most_probable_z_invariant_and_pose_equivariant_under_rotation():
     assert torch.allclose(t_rot, torch.stack([t[1], -t[0]]), atol=1e-5)
 
 
-@pytest.mark.parametrize("angle,shift,tolerance", [
-    (math.pi / 2, (0.125, -0.25), 1e-4),  # on the pixel grid (3 and -6 px): exact
-    (0.7, (0.12, -0.08), 0.15),  # off the grid: bilinear resampling error only
+@pytest.mark.parametrize("angle,shift,tolerance,random_phase", [
+    (math.pi / 2, (0.125, -0.25), 1e-4, False),  # on the pixel grid (3 and -6 px): exact
+    (math.pi / 2, (0.125, -0.25), 1e-4, True),
+    (0.7, (0.12, -0.08), 0.15, False),  # off the grid: bilinear resampling error only
 ])
-def test_generator_is_equivariant_to_rotation_and_translation_of_coordinates(angle, shift, tolerance):
+def test_generator_is_equivariant_to_rotation_and_translation_of_coordinates(angle, shift, tolerance, random_phase):
     torch.manual_seed(0)
     n = 48
-    gen = SpatialGenerator(z_dim=2, width=32, depth=2, fourier_features=16, fourier_scale=0.7)
+    gen = SpatialGenerator(z_dim=2, width=32, depth=2, fourier_features=16, fourier_scale=0.7,
+                           random_phase=random_phase)
     z = torch.randn(1, 2)
     coords = pixel_coordinates(n)
     with torch.no_grad():

@@ -58,7 +58,8 @@ def assert_same_estimates(a, b):
 
 
 @pytest.mark.parametrize("overrides", [dict(rotations=4),  # odd kernel (11 px)
-                                       dict(rotations=8, encoder_kernel=10, subpixel=True)])
+                                       dict(rotations=8, encoder_kernel=10, subpixel=True),
+                                       dict(rotations=8, encoder_pointwise="shared", subpixel=True)])
 def test_plain_encoder_computes_what_the_escnn_encoder_computes(tmp_path, overrides):
     run = save_run(tmp_path / "run", **overrides)
     escnn_model, _ = checkpoint.load_model(run, for_inference=False)
@@ -111,6 +112,15 @@ def test_embed_and_pose_run_without_escnn_and_write_what_the_escnn_path_writes(t
     # the same weights in a checkpoint from before the export, read through escnn in this process
     getattr(infer, command)(save_run(tmp_path / "old", export=False), star, tmp_path / "escnn.star", batch_size=4)
     assert (tmp_path / "plain.star").read_bytes() == (tmp_path / "escnn.star").read_bytes()
+
+
+def test_checkpoints_from_before_shared_layers_hold_group_convolutions(tmp_path):
+    run = save_run(tmp_path / "run")
+    stored = checkpoint.read_checkpoint(run / checkpoint.BEST)
+    del stored["model_config"]["encoder_pointwise"]
+    checkpoint.save_checkpoint(stored, run / checkpoint.BEST)
+    model, config = checkpoint.load_model(run)
+    assert config.encoder_pointwise == "group" and model.encoder.weight1.shape == (16, 16, 1, 1)  # fields x r
 
 
 def test_resaving_an_old_checkpoint_adds_the_export(tmp_path):

@@ -47,8 +47,9 @@ def _model(**options) -> TargetVAE:
     return TargetVAE(ModelConfig(**{**SMALL, **options}))
 
 
-def test_plain_encoder_layers_match_escnn_modules_and_their_gradients(digits):
-    model = _model(subpixel=True)
+@pytest.mark.parametrize("pointwise", ["group", "shared"])
+def test_plain_encoder_layers_match_escnn_modules_and_their_gradients(digits, pointwise):
+    model = _model(subpixel=True, encoder_pointwise=pointwise)
     outputs, grads = [], []
     for escnn in (True, False):
         model.encoder.escnn_forward = escnn
@@ -59,8 +60,28 @@ def test_plain_encoder_layers_match_escnn_modules_and_their_gradients(digits):
         outputs.append(fields.detach())
         grads.append([p.grad.clone() for p in model.encoder.parameters()])
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
-    for reference, plain in zip(*grads, strict=True):  # float32 sums in another order: relative to the scale
-        assert (reference - plain).abs().max() <= 1e-5 * reference.abs().max()
+    # float32 sums in another order: relative to the scale. A shared layer's bias gradient sums r times more
+    # terms (every rotation of every cell), which cancel; in float64 both kinds agree to 1e-8.
+    tolerance = 1e-5 if pointwise == "group" else 1e-4
+    for reference, plain in zip(*grads, strict=True):
+        assert (reference - plain).abs().max() <= tolerance * reference.abs().max()
+
+
+def test_rotation_shared_layers_are_group_convolutions_with_kron_filters():
+    """The shared layers' claim: a matrix W applied to every rotation alike is the full 1x1 group convolution
+    whose filter is kron(W, I_r), in float64, whatever the first layer's bias and the batch."""
+    torch.manual_seed(0)
+    rotations, fields, images = 8, 3, torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    first = (torch.randn(fields * rotations, 1, 5, 5, dtype=torch.float64), torch.randn(fields * rotations,
+                                                                                         dtype=torch.float64))
+    shared = [(torch.randn(n_out, n_in, 1, 1, dtype=torch.float64), torch.randn(n_out, dtype=torch.float64))
+              for n_in, n_out in ((fields, fields), (fields, fields), (fields, 5))]
+    identity = torch.eye(rotations, dtype=torch.float64)
+    full = [(torch.kron(w[..., 0, 0], identity)[..., None, None], b.repeat_interleave(rotations)) for w, b in shared]
+    expected = plain_encoder_module.plain_group_conv(images, [first, *full], padding=1)
+    got = plain_encoder_module.plain_group_conv(images, [first, *shared], padding=1, shared_over=rotations)
+    assert got.shape == expected.shape == (2, 5 * rotations, 10, 10)
+    assert torch.allclose(got, expected.float(), atol=1e-6)
 
 
 def test_exported_encoder_gives_escnn_poses_and_latents_on_mnist(digits):
@@ -90,28 +111,32 @@ def test_bf16_inference_keeps_the_posterior_outputs_in_float32(digits):
         assert error.mean() < 0.02 and error.max() < 0.1, name
 
 
-def test_fourier_linear_equals_materialised_features_in_float64(monkeypatch):
+@pytest.mark.parametrize("random_phase", [False, True])
+def test_fourier_linear_equals_materialised_features_in_float64(monkeypatch, random_phase):
     monkeypatch.setattr(generator_module, "CHUNK_VALUES", 7 * 16)  # 7 pixels per chunk: many chunks, one partial
     torch.manual_seed(0)
-    layer = SpatialGenerator(z_dim=2, width=8, fourier_features=16, fourier_scale=3.0).double()
+    layer = SpatialGenerator(z_dim=2, width=8, fourier_features=16, fourier_scale=3.0,
+                             random_phase=random_phase).double()
     coords = (torch.rand(3, 20, 2, dtype=torch.float64) * 2.8 - 1.4).requires_grad_()
-    weight, bias = layer.coord_layer.weight, layer.coord_layer.bias
+    weight, bias, phases = layer.coord_layer.weight, layer.coord_layer.bias, layer.fourier_phase
+    assert weight.shape == (8, 16 if random_phase else 32)
     upstream = torch.randn(3, 20, 8, dtype=torch.float64)
 
-    fused = FourierLinear.apply(coords, layer.fourier_b, weight, bias)
+    fused = FourierLinear.apply(coords, layer.fourier_b, weight, bias, phases)
     fused_grads = torch.autograd.grad(fused, (coords, weight, bias), upstream)
     plain = layer.coord_layer(layer.features(coords))
     plain_grads = torch.autograd.grad(plain, (coords, weight, bias), upstream)
     assert torch.allclose(fused, plain, atol=1e-12)
     for a, b in zip(fused_grads, plain_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
-    assert torch.autograd.gradcheck(lambda c, w, b: FourierLinear.apply(c, layer.fourier_b, w, b),
+    assert torch.autograd.gradcheck(lambda c, w, b: FourierLinear.apply(c, layer.fourier_b, w, b, phases),
                                     (coords[:1, :9].detach().requires_grad_(), weight, bias))
 
 
-def test_generator_paths_agree_in_float32():
+@pytest.mark.parametrize("random_phase", [False, True])
+def test_generator_paths_agree_in_float32(random_phase):
     torch.manual_seed(0)
-    gen = SpatialGenerator(z_dim=2, width=32, depth=3, fourier_features=64)
+    gen = SpatialGenerator(z_dim=2, width=32, depth=3, fourier_features=64, random_phase=random_phase)
     coords, z = torch.rand(4, 50, 2) * 2 - 1, torch.randn(4, 2)
     gen.fused = True
     fused = gen(coords, z)
@@ -165,15 +190,17 @@ def test_bf16_training_curve_tracks_float32(digits):
     assert np.all(np.abs(half - full) < 0.01 * np.abs(full)), (full, half)
 
 
-def test_fused_bf16_features_keep_float32_phases():
+@pytest.mark.parametrize("random_phase", [False, True])
+def test_fused_bf16_features_keep_float32_phases(random_phase):
     """At the paper's scale phases reach ~100 rad; computed in bfloat16 they would be off by up to ~0.3 rad."""
     torch.manual_seed(0)
-    gen = SpatialGenerator(z_dim=2, width=64, fourier_features=256, fourier_scale=3.0)
+    gen = SpatialGenerator(z_dim=2, width=64, fourier_features=256, fourier_scale=3.0, random_phase=random_phase)
     coords = torch.rand(2, 400, 2) * 2.8 - 1.4
-    w, b = gen.coord_layer.weight, gen.coord_layer.bias
-    exact = FourierLinear.apply(coords.double(), gen.fourier_b.double(), w.double(), b.double())
+    w, b, phases = gen.coord_layer.weight, gen.coord_layer.bias, gen.fourier_phase
+    exact = FourierLinear.apply(coords.double(), gen.fourier_b.double(), w.double(), b.double(),
+                                None if phases is None else phases.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = FourierLinear.apply(coords, gen.fourier_b, w, b)
+        fast = FourierLinear.apply(coords, gen.fourier_b, w, b, phases)
     assert fast.dtype == torch.bfloat16
     error = (fast.double() - exact).abs().max() / exact.abs().max()
     assert error < 0.02

@@ -674,6 +674,8 @@ def test_resuming_a_finished_run_says_so_and_leaves_it_untouched(cli_copy, capsy
     (["--z-dim", "3"], "--z-dim 3 (the run's z dim: 2)"),
     (["--ctf", "auto"], "--ctf auto (the run's ctf: none)"),
     (["--subpixel"], "--subpixel (the run's subpixel: False)"),
+    (["--encoder-pointwise", "shared"], "--encoder-pointwise shared (the run's encoder pointwise: group)"),
+    (["--fourier-random-phase"], "--fourier-random-phase (the run's fourier random phase: False)"),
 ])
 def test_resume_refuses_options_that_would_change_the_model_or_the_optimisation(cli_copy, capsys, option, named):
     before = folder_bytes(cli_copy / "run")
@@ -682,6 +684,16 @@ def test_resume_refuses_options_that_would_change_the_model_or_the_optimisation(
     (line,) = messages(capsys)
     assert line.startswith("error: cannot resume run with ") and named in line and "--epochs" in line
     assert folder_bytes(cli_copy / "run") == before
+
+
+def test_train_builds_rotation_shared_layers_and_phase_shifted_cosines_when_asked(cli_copy):
+    assert tvae_em(["train", "particles.star", "-o", "shared", "--epochs", "1", *TINY_CLI_MODEL, *RUN_OPTIONS,
+                    "--encoder-pointwise", "shared", "--fourier-random-phase"]) == 0
+    stored = ckpt.read_checkpoint(cli_copy / "shared" / ckpt.LAST)
+    assert stored["model_config"]["encoder_pointwise"] == "shared" and stored["model_config"]["fourier_random_phase"]
+    state = stored["model_state"]
+    assert state["encoder.shared.0.weight"].shape == (4, 4) and "encoder.net.2.weights" not in state
+    assert state["generator.fourier_phase"].shape == (16,) and state["generator.coord_layer.weight"].shape == (32, 16)
 
 
 def test_resume_of_a_run_without_a_completed_epoch_asks_for_a_new_start(cli_copy, capsys):

@@ -206,9 +206,14 @@ def check_field_types(checkpoint: dict, types: dict, path) -> None:
         raise InputError(path, f"malformed checkpoint: {', '.join(wrong)} missing or not as tvae-em writes it")
 
 
+# ModelConfig fields added after checkpoints were first written, with the value that older checkpoints, which lack
+# them, were trained with, whatever the default now
+_IMPLIED_BEFORE_FIELDS = {"encoder_pointwise": "group", "fourier_random_phase": False}
+
+
 def model_config_from(checkpoint: dict, path) -> ModelConfig:
     try:
-        return ModelConfig(**checkpoint["model_config"])
+        return ModelConfig(**{**_IMPLIED_BEFORE_FIELDS, **checkpoint["model_config"]})
     except (TypeError, ValueError) as exc:
         raise InputError(path, f"invalid model configuration in checkpoint ({exc})") from None
 

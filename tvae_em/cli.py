@@ -179,11 +179,17 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
 @click.option("--encoder-kernel", type=int, help="First-layer kernel (default 0.65 of the box, odd; it must be "
                                                  "larger than the particle).")
 @click.option("--encoder-padding", type=int, help="First-layer padding (default 8/50 of the box).")
+@click.option("--encoder-pointwise", type=click.Choice(["group", "shared"]), default="group", show_default=True,
+              help="The encoder's 1x1 layers: full group convolutions, or one matrix shared by every rotation "
+                   "(the authors' code; r times fewer multiply-adds, equally equivariant).")
 @click.option("--generator-width", default=512, show_default=True, help="Units per generator layer.")
 @click.option("--generator-depth", default=6, show_default=True,
               help="Generator layers (paper: 6 for cryo-EM).")
 @click.option("--fourier-features", default=1024, show_default=True,
               help="Random Fourier features of the coordinates (0: plain coordinates).")
+@click.option("--fourier-random-phase/--fourier-sin-cos", default=False, show_default=True,
+              help="Generator inputs: one cosine with a fixed random phase per Fourier feature (the authors' "
+                   "code; half the inputs), or the cosine and sine of each.")
 @click.option("--fourier-scale", type=float,
               help="Std of the generator's random Fourier frequencies, in cycles per pixel (default 0.12).")
 @click.option("--likelihood", type=click.Choice(["gaussian", "bernoulli"]), default="gaussian",

@@ -22,20 +22,22 @@ def model_bytes(config, batch_size: int = 0, training: bool = False, activation_
     training step (kept for the backward pass) or of encoding (no gradients).
 
     Counted: escnn's sampled filter bases (about k^2 / 2 functions on the k x k grid for each of the R rotations
-    in the first layer, measured for k = 5 to 49; R^3 values for each 1x1 layer), the filters expanded from them,
-    the parameters (with gradients and Adam's two moments in training), the encoder's feature maps (channels x
-    cells) and, in training, the generator's layer outputs at every pixel. ``activation_bytes`` is 2 under
-    bfloat16 autocast.
+    in the first layer, measured for k = 5 to 49; R^3 values for each 1x1 group convolution), the filters
+    expanded from them, the parameters (with gradients and Adam's two moments in training), the encoder's
+    feature maps (channels x cells) and, in training, the generator's layer outputs at every pixel.
+    ``activation_bytes`` is 2 under bfloat16 autocast.
     """
     r, kernel = config.rotations, config.encoder_kernel
     channels = config.encoder_fields * r
     out_channels = (3 + 2 * config.z_dim + (3 if config.subpixel else 0)) * r
     cells = (config.image_size + 2 * config.encoder_padding - kernel + 1) ** 2
     pixels, width = config.image_size ** 2, config.generator_width
-    basis = r * kernel ** 4 // 2 + 3 * r ** 3
-    filters = channels * kernel ** 2 + 2 * channels ** 2 + out_channels * channels
-    parameters = (config.encoder_fields * (kernel ** 2 // 2 + 2 * config.encoder_fields * r + out_channels)
-                  + width * (2 * max(config.fourier_features, 1) + config.z_dim + (config.generator_depth - 1) * width))
+    shared = config.encoder_pointwise == "shared"  # 1x1 layers: one matrix per layer, no basis, r^2 fewer values
+    pointwise = (2 * channels ** 2 + out_channels * channels) // (r * r if shared else 1)
+    basis = r * kernel ** 4 // 2 + (0 if shared else 3 * r ** 3)
+    filters = channels * kernel ** 2 + pointwise
+    parameters = (config.encoder_fields * kernel ** 2 // 2 + (pointwise if shared else pointwise // r)
+                  + width * (config.coordinate_inputs() + config.z_dim + (config.generator_depth - 1) * width))
     if training:
         per_image = (3 * channels + 2 * out_channels) * cells + pixels * width * (config.generator_depth + 1)
         values = basis + 2 * filters + 4 * parameters

@@ -1,7 +1,9 @@
 """Group-convolutional encoder (paper section 3.3.1).
 
 One large-kernel group convolution over P_r = translations x r discrete rotations (escnn ``rot2dOnR2(N=r)``,
-trivial input field -> ``fields`` regular fields), LeakyReLU, then three 1x1 group convolutions. The last one
+trivial input field -> ``fields`` regular fields), LeakyReLU, then three 1x1 group convolutions: full ones
+(``pointwise="group"``, escnn's), or rotation-shared ones (``"shared"``, the authors' code: one matrix applied to
+every rotation channel alike, ``RotationSharedConv``). The last one
 outputs, for every position (i, j) and discrete rotation r', the parameters of the approximate posterior:
 the attention logit a(y)_{i,j,r'}, mu_theta, log sigma_theta, mu_z, log sigma_z (and, with sub-pixel
 translation, a per-cell translation offset). Those are regular fields, so rotating the input by one group
@@ -19,9 +21,11 @@ Speed and inference. The layers run as plain torch ops on the filters escnn expa
 runs without escnn.
 """
 
+import itertools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tvae_em.model.plain_encoder import (
@@ -29,6 +33,7 @@ from tvae_em.model.plain_encoder import (
     POINTWISE_LAYERS,
     CellEncoder,
     EncoderOutput,
+    RotationSharedConv,
     output_fields,
     plain_group_conv,
     plain_state,
@@ -49,16 +54,23 @@ class GroupConvEncoder(CellEncoder):
     """y (B, 1, N, N) -> EncoderOutput. See the module docstring for the layers and the grid."""
 
     def __init__(self, rotations: int, z_dim: int, fields: int = 128, kernel: int = 28, padding: int = 8,
-                 subpixel: bool = False, theta_logstd_init: float = 0.0):
-        super().__init__(rotations, z_dim, kernel, padding, subpixel)
+                 subpixel: bool = False, theta_logstd_init: float = 0.0, pointwise: str = "group"):
+        super().__init__(rotations, z_dim, kernel, padding, subpixel, pointwise)
         self.gspace = gspaces.rot2dOnR2(N=rotations)
         self.in_type = enn.FieldType(self.gspace, [self.gspace.trivial_repr])
         hidden = enn.FieldType(self.gspace, fields * [self.gspace.regular_repr])
         self.out_type = enn.FieldType(self.gspace, output_fields(z_dim, subpixel) * [self.gspace.regular_repr])
         layers = [enn.R2Conv(self.in_type, hidden, kernel_size=kernel, padding=padding)]
-        for out_type in [hidden] * (POINTWISE_LAYERS - 1) + [self.out_type]:
-            layers += [enn.LeakyReLU(hidden, negative_slope=LEAKY_SLOPE, inplace=True),
-                       enn.R2Conv(hidden, out_type, kernel_size=1)]
+        # escnn's modules hold the group layers; rotation-shared ones are plain torch (state keys unchanged for
+        # the group encoder, so that its older checkpoints load)
+        self.shared = nn.ModuleList()
+        if pointwise == "shared":
+            sizes = [fields] * POINTWISE_LAYERS + [len(self.out_type)]
+            self.shared.extend(RotationSharedConv(n_in, n_out) for n_in, n_out in itertools.pairwise(sizes))
+        else:
+            for out_type in [hidden] * (POINTWISE_LAYERS - 1) + [self.out_type]:
+                layers += [enn.LeakyReLU(hidden, negative_slope=LEAKY_SLOPE, inplace=True),
+                           enn.R2Conv(hidden, out_type, kernel_size=1)]
         self.net = enn.SequentialModule(*layers)
         _flush_denormal_bases(self.net)
         self._start_near_priors(theta_logstd_init)
@@ -75,10 +87,11 @@ class GroupConvEncoder(CellEncoder):
         sigma_z = 0, means 0); the logits keep escnn's initialisation, whose equivariant response to the image
         is what first tells the cells apart. Scaling whole fields keeps the layer exactly equivariant.
         """
-        last = self.net[-1]
+        last = self.shared[-1] if self.shared else self.net[-1]
         fields = len(self.out_type)
         with torch.no_grad():
-            weights = last.weights.view(fields, len(last.in_type), -1)  # [out field, in field, basis]
+            weights = last.weight if self.shared else last.weights
+            weights = weights.view(fields, -1)  # [out field, in fields x (escnn) basis]
             weights[1:] *= _OUTPUT_INIT_SCALE
             last.bias.zero_()
             last.bias[2] = theta_logstd  # field order: logits, theta_mu, theta_logstd, z_mu.., z_logstd.., shift..
@@ -88,14 +101,16 @@ class GroupConvEncoder(CellEncoder):
 
         Call after training; ``train()`` drops the exported copy so training expands the filters again.
         """
-        self.net.eval()
-        self._exported = self.net.export().requires_grad_(False)  # a frozen copy, not more parameters
+        self.eval()
+        with torch.no_grad():  # a frozen copy, not more parameters
+            self._exported = [(weight.detach().clone(), bias.detach().clone()) for weight, bias in self._filters()]
 
     def exported_state(self) -> dict[str, torch.Tensor]:
         """The expanded filters as ``PlainEncoder`` holds them (CPU float32 copies), for checkpoints: expanded from
         the current weights as escnn expands them for eval mode, whatever this module's mode or autocast."""
         with torch.no_grad(), torch.autocast(self.net[0].weights.device.type, enabled=False):
-            return plain_state([conv.expand_parameters() for conv in self._convs()])
+            return plain_state([conv.expand_parameters() for conv in self._convs()]
+                               + [layer.filter() for layer in self.shared])
 
     def train(self, mode: bool = True):
         if mode:
@@ -105,17 +120,29 @@ class GroupConvEncoder(CellEncoder):
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         if self.escnn_forward:
             out = self.net(enn.GeometricTensor(images, self.in_type)).tensor.float()
+            if self.shared:
+                out = self._shared_reference(out)
         else:
-            out = plain_group_conv(images, self._filters(), self.padding)
+            out = plain_group_conv(images, self._filters(), self.padding, self.shared_over())
         return self.posterior_fields(out)
 
+    def _shared_reference(self, first: torch.Tensor) -> torch.Tensor:
+        """The rotation-shared layers as the authors' code writes them: 1x1x1 Conv3d over (B, fields, r, M, M)."""
+        b, _, m, _ = first.shape
+        h = first.view(b, -1, self.rotations, m, m)
+        for layer in self.shared:
+            weight, bias = layer.filter()
+            h = F.conv3d(F.leaky_relu(h, LEAKY_SLOPE), weight[..., None], bias)
+        return h.reshape(b, -1, m, m)
+
     def _filters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(filter, bias) of every layer as escnn expands them: frozen after ``export``, cached by escnn in eval
-        mode, expanded from the trainable weights (differentiably) in training mode."""
+        """(filter, bias) of every layer as escnn expands them (rotation-shared layers: their matrices): frozen
+        after ``export``, cached by escnn in eval mode, expanded from the trainable weights (differentiably) in
+        training mode."""
         if self._exported is not None:
-            return [(m.weight, m.bias) for m in self._exported if isinstance(m, nn.Conv2d)]
+            return self._exported
         return [conv.expand_parameters() if conv.training else (conv.filter, conv.expanded_bias)
-                for conv in self._convs()]
+                for conv in self._convs()] + [layer.filter() for layer in self.shared]
 
     def _convs(self) -> list:
         return [m for m in self.net if isinstance(m, enn.R2Conv)]

@@ -11,7 +11,9 @@ the coordinates before rotating them). Coordinates use the project frame: pixel 
 x = ((col - N//2) / (N/2), (row - N//2) / (N/2)), origin at RELION's box centre.
 
 x' is expanded with random Fourier features [cos 2 pi B x', sin 2 pi B x'] (B ~ N(0, scale^2) cycles per unit of
-the frame, fixed; ``ModelConfig.fourier_scale`` states it per pixel, so that one value fits every box), the
+the frame, fixed; ``ModelConfig.fourier_scale`` states it per pixel, so that one value fits every box), or, with
+``random_phase``, cos(2 pi B x' + phi) with fixed phases phi ~ U[0, 2 pi) (the authors' code, and Rahimi and
+Recht's original random features: half the inputs to the coordinate layer for as many frequencies). The
 coordinate path and the z path go through separate linear layers, are summed, and pass through shared
 fully-connected layers with LeakyReLU.
 
@@ -58,11 +60,16 @@ class SpatialGenerator(nn.Module):
     """p(y_i | z, x_i'): (B, P, 2) coordinates and (B, Z) content -> (B, P, out_channels) parameters."""
 
     def __init__(self, z_dim: int, width: int = 512, depth: int = 2, fourier_features: int = 1024,
-                 fourier_scale: float = 3.0, out_channels: int = 1):
+                 fourier_scale: float = 3.0, out_channels: int = 1, random_phase: bool = False):
         super().__init__()
+        # None when not used: not in the state then, so that checkpoints of [cos, sin] generators load as before
+        self.register_buffer("fourier_phase", None)
         if fourier_features > 0:
             self.register_buffer("fourier_b", torch.randn(2, fourier_features) * fourier_scale)
             coord_dim = 2 * fourier_features
+            if random_phase:
+                self.fourier_phase = torch.rand(fourier_features) * (2 * math.pi)
+                coord_dim = fourier_features
         else:  # plain coordinates, as in spatial-VAE
             self.fourier_b = None
             coord_dim = 2
@@ -78,16 +85,18 @@ class SpatialGenerator(nn.Module):
         if self.fourier_b is None:
             return coords
         phase = (2 * math.pi) * (coords @ self.fourier_b)
+        if self.fourier_phase is not None:
+            return torch.cos(phase + self.fourier_phase)
         return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
     def forward(self, coords: torch.Tensor, z: torch.Tensor, feature_gain: torch.Tensor | None = None) -> torch.Tensor:
         """``feature_gain`` (F,): a weight per Fourier feature (coarse-to-fine training lets the low frequencies
         through first); it folds into the columns of the coordinate layer."""
         weight, bias = self.coord_layer.weight, self.coord_layer.bias
-        if feature_gain is not None:
-            weight = weight * feature_gain.repeat(2)
+        if feature_gain is not None:  # one column per feature, or two: [cos, sin]
+            weight = weight * feature_gain.repeat(weight.shape[1] // len(feature_gain))
         if self.fused and self.fourier_b is not None:
-            h = FourierLinear.apply(coords, self.fourier_b, weight, bias)
+            h = FourierLinear.apply(coords, self.fourier_b, weight, bias, self.fourier_phase)
         else:
             h = F.linear(self.features(coords), weight, bias)
         if self.z_layer is not None:
@@ -101,29 +110,31 @@ class SpatialGenerator(nn.Module):
 class FourierLinear(torch.autograd.Function):
     """``coord_layer(features(coords))`` in chunks of pixels, features recomputed in the backward pass.
 
-    coords (..., 2), fourier_b (2, F), weight (W, 2F), bias (W,) -> (..., W). Gradients flow to the coordinates
-    (hence to the pose), the weight and the bias; ``fourier_b`` is a fixed buffer. Under autocast the matrix
+    coords (..., 2), fourier_b (2, F), weight (W, 2F), bias (W,) -> (..., W); with phases (F,), the features are
+    cos(phase + phases) and weight is (W, F). Gradients flow to the coordinates (hence to the pose), the weight
+    and the bias; ``fourier_b`` and ``phases`` are fixed buffers. Under autocast the matrix
     products run in the autocast dtype (the result has that dtype, as ``nn.Linear``'s would) while phases, sines
     and cosines stay float32. Memory beyond the output: one chunk of features.
     """
 
     @staticmethod
-    def forward(ctx, coords, fourier_b, weight, bias):
+    def forward(ctx, coords, fourier_b, weight, bias, phases=None):
         device = coords.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
             flat, scaled_b = _phase_inputs(coords, fourier_b)
             weight_c, bias_c = weight.to(dtype), bias.to(dtype)  # bias required (nn.Linear's)
             out = torch.empty(*coords.shape[:-1], len(weight), dtype=dtype, device=coords.device)
-            for rows, cos, sin in _chunked_trig(flat, scaled_b):
-                torch.addmm(bias_c, _features(cos, sin, dtype), weight_c.t(), out=out.view(len(flat), -1)[rows])
-        ctx.save_for_backward(coords, fourier_b, weight)
+            for rows, cos, sin in _chunked_trig(flat, scaled_b, phases, sines=phases is None):
+                features = cos.to(dtype) if phases is not None else _features(cos, sin, dtype)
+                torch.addmm(bias_c, features, weight_c.t(), out=out.view(len(flat), -1)[rows])
+        ctx.save_for_backward(coords, fourier_b, weight, phases)
         ctx.dtype = dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        coords, fourier_b, weight = ctx.saved_tensors
+        coords, fourier_b, weight, phases = ctx.saved_tensors
         dtype, n_features = ctx.dtype, fourier_b.shape[1]
         device = coords.device.type
         with torch.autocast(device, enabled=False):
@@ -132,16 +143,19 @@ class FourierLinear(torch.autograd.Function):
             weight_c = weight.to(dtype)
             weight_grad = torch.zeros(weight.shape, dtype=flat.dtype, device=weight.device)
             coords_grad = torch.empty_like(flat)
-            for rows, cos, sin in _chunked_trig(flat, scaled_b):
-                weight_grad += (grad[rows].t() @ _features(cos, sin, dtype)).to(flat.dtype)
-                feature_grad = (grad[rows] @ weight_c).to(flat.dtype)  # (n, 2F): d loss / d [cos, sin]
-                # d/dphase: g_sin cos - g_cos sin, in one dtype (mixed-dtype products are ~3x slower)
-                phase_grad = feature_grad[:, n_features:] * cos
-                phase_grad.addcmul_(feature_grad[:, :n_features], sin, value=-1)
+            for rows, cos, sin in _chunked_trig(flat, scaled_b, phases):
+                features = cos.to(dtype) if phases is not None else _features(cos, sin, dtype)
+                weight_grad += (grad[rows].t() @ features).to(flat.dtype)
+                feature_grad = (grad[rows] @ weight_c).to(flat.dtype)  # d loss / d features
+                if phases is not None:  # d/dphase of cos: -sin
+                    phase_grad = feature_grad.mul_(sin).neg_()
+                else:  # d/dphase: g_sin cos - g_cos sin, in one dtype (mixed-dtype products are ~3x slower)
+                    phase_grad = feature_grad[:, n_features:] * cos
+                    phase_grad.addcmul_(feature_grad[:, :n_features], sin, value=-1)
                 torch.mm(phase_grad, scaled_b.t(), out=coords_grad[rows])
             bias_grad = grad.to(flat.dtype).sum(0)
         return (coords_grad.view(coords.shape).to(coords.dtype), None, weight_grad.to(weight.dtype),
-                bias_grad.to(weight.dtype))
+                bias_grad.to(weight.dtype), None)
 
 
 def _phase_inputs(coords: torch.Tensor, fourier_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,13 +172,17 @@ def _chunk_rows(device_type: str, n_features: int) -> int:
     return max(1, values // n_features)
 
 
-def _chunked_trig(flat: torch.Tensor, scaled_b: torch.Tensor):
-    """(row slice, cos, sin) of the phases 2 pi B x for consecutive chunks of the (P, 2) coordinates."""
+def _chunked_trig(flat: torch.Tensor, scaled_b: torch.Tensor, phases: torch.Tensor | None = None,
+                  sines: bool = True):
+    """(row slice, cos, sin) of the phases 2 pi B x (+ ``phases``) for consecutive chunks of the (P, 2)
+    coordinates; sin is None unless ``sines``."""
     step = _chunk_rows(flat.device.type, scaled_b.shape[1])
     for start in range(0, len(flat), step):
         rows = slice(start, start + step)
         phase = flat[rows] @ scaled_b
-        yield rows, torch.cos(phase), torch.sin(phase)
+        if phases is not None:
+            phase += phases.to(phase.dtype)
+        yield rows, torch.cos(phase), torch.sin(phase) if sines else None
 
 
 def _features(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

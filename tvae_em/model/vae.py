@@ -16,7 +16,7 @@ from torch import nn
 from tvae_em.errors import UsageError
 from tvae_em.model import posterior
 from tvae_em.model.generator import SpatialGenerator, pixel_coordinates, transform_coordinates
-from tvae_em.model.plain_encoder import CellEncoder, PlainEncoder
+from tvae_em.model.plain_encoder import POINTWISE_KINDS, CellEncoder, PlainEncoder
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 CTF_MODES = ("none", "full", "flipped")  # no CTF; the CTF; |CTF| (images already multiplied by sign(CTF))
@@ -34,10 +34,12 @@ class ModelConfig:
     encoder_fields: int = 128
     encoder_kernel: int | None = None  # None: 0.65 of the box, odd (see __post_init__)
     encoder_padding: int | None = None  # None: 8/50 of the box
+    encoder_pointwise: str = "group"  # the 1x1 layers: full group convolutions, or one matrix shared by the rotations
     generator_width: int = 512
     generator_depth: int = 2
     fourier_features: int = 1024
     fourier_scale: float = 0.12  # std of the random Fourier frequencies, cycles per pixel of the box
+    fourier_random_phase: bool = False  # features cos(2 pi B x + phi), phi fixed at random, not [cos, sin]
     likelihood: str = "bernoulli"
     gaussian_std: float | None = None  # fixed pixel noise std; learned when None
     translation_prior_std: float = 5.0  # pixels
@@ -82,13 +84,14 @@ class ModelConfig:
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number, not {value!r}")
         for name, choices in (("likelihood", LIKELIHOODS), ("rotation_prior", ("uniform", "normal")),
-                              ("ctf", CTF_MODES)):
+                              ("ctf", CTF_MODES), ("encoder_pointwise", POINTWISE_KINDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
         if self.ctf != "none" and self.likelihood != "gaussian":
             raise ValueError("a CTF needs the gaussian likelihood (it makes pixel values of either sign)")
-        if not isinstance(self.subpixel, bool):
-            raise ValueError(f"subpixel must be true or false, not {self.subpixel!r}")
+        for name in ("subpixel", "fourier_random_phase"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.image_size + 2 * self.encoder_padding < self.encoder_kernel:
             raise ValueError(f"encoder_kernel {self.encoder_kernel} is larger than the {self.image_size} px images "
                              f"with encoder_padding {self.encoder_padding} on each side")
@@ -101,6 +104,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def coordinate_inputs(self) -> int:
+        """Inputs of the generator's coordinate layer: [cos, sin] of each Fourier feature, one phase-shifted cosine
+        each, or the plain (x, y)."""
+        if self.fourier_features == 0:
+            return 2
+        return self.fourier_features * (1 if self.fourier_random_phase else 2)
 
 
 @dataclass
@@ -160,7 +170,7 @@ class TargetVAE(nn.Module):
         # the generator's frame spans image_size / 2 pixels per unit: per-pixel frequencies -> per-unit ones
         self.generator = SpatialGenerator(config.z_dim, config.generator_width, config.generator_depth,
                                           config.fourier_features, config.fourier_scale * config.image_size / 2,
-                                          out_channels=1)
+                                          out_channels=1, random_phase=config.fourier_random_phase)
         if config.likelihood == "gaussian" and config.gaussian_std is None:
             self.log_sigma = nn.Parameter(torch.zeros(()))
         n = config.image_size
@@ -292,7 +302,7 @@ class TargetVAE(nn.Module):
 
 def _plain_encoder(config: ModelConfig) -> CellEncoder:
     return PlainEncoder(config.rotations, config.z_dim, config.encoder_fields, config.encoder_kernel,
-                        config.encoder_padding, config.subpixel)
+                        config.encoder_padding, config.subpixel, config.encoder_pointwise)
 
 
 def _group_conv_encoder(config: ModelConfig) -> CellEncoder:
@@ -302,7 +312,8 @@ def _group_conv_encoder(config: ModelConfig) -> CellEncoder:
         raise EscnnMissing(str(exc)) from None
     return GroupConvEncoder(config.rotations, config.z_dim, config.encoder_fields, config.encoder_kernel,
                             config.encoder_padding, config.subpixel,
-                            theta_logstd_init=math.log(config.priors().theta_std()))
+                            theta_logstd_init=math.log(config.priors().theta_std()),
+                            pointwise=config.encoder_pointwise)
 
 
 def _spectrum_times(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
