@@ -43,6 +43,7 @@ import torch
 
 from tvae_em.device import bf16_autocast, bf16_autocast_enabled, cpu_has_amx_bf16
 from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model.plain_encoder import output_fields
 
 CONFIGS = {
     "mnist": dict(image_size=50, rotations=8, z_dim=2, encoder_fields=128, encoder_kernel=28, encoder_padding=8,
@@ -69,7 +70,7 @@ def macs(config: ModelConfig, batch: int) -> dict:
     """Multiply-adds of one forward pass, by part, counting the encoder as escnn expands it to plain convolutions."""
     m = config.image_size + 2 * config.encoder_padding - config.encoder_kernel + 1
     channels = config.encoder_fields * config.rotations
-    n_out = (3 + 2 * config.z_dim + (3 if config.subpixel else 0)) * config.rotations
+    n_out = output_fields(config.z_dim, config.subpixel) * config.rotations
     cells = m * m * batch
     pixels = config.image_size ** 2 * batch
     width = config.generator_width

@@ -55,6 +55,7 @@ _DERIVED_BUFFERS = (".filter", ".expanded_bias")
 # loading compares with the rebuilt basis (an escnn that samples its bases otherwise would change every filter).
 _SAMPLED_BASIS = ".sampled_basis"
 _FINGERPRINT = "_fingerprint"
+_REMEMBERED = "_tvae_fingerprint"  # the attribute of a basis tensor holding its fingerprint (basis_fingerprint)
 
 
 def build_model(config: ModelConfig, seed: int = 0, plain_encoder: bool = False) -> TargetVAE:
@@ -86,9 +87,6 @@ def basis_fingerprint(basis: torch.Tensor) -> torch.Tensor:
         known = (basis._version, _fingerprint(basis))
         setattr(basis, _REMEMBERED, known)  # on the buffer itself: no table of tensors to keep or clean up
     return known[1].clone()
-
-
-_REMEMBERED = "_tvae_fingerprint"
 
 
 def _fingerprint(basis: torch.Tensor) -> torch.Tensor:

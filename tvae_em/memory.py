@@ -12,6 +12,7 @@ import os
 import torch
 
 from tvae_em.errors import UsageError
+from tvae_em.model.plain_encoder import output_fields
 
 FLOAT_BYTES = 4
 _GIB = 2 ** 30
@@ -29,7 +30,7 @@ def model_bytes(config, batch_size: int = 0, training: bool = False, activation_
     """
     r, kernel = config.rotations, config.encoder_kernel
     channels = config.encoder_fields * r
-    out_channels = (3 + 2 * config.z_dim + (3 if config.subpixel else 0)) * r
+    out_channels = output_fields(config.z_dim, config.subpixel) * r
     cells = (config.image_size + 2 * config.encoder_padding - kernel + 1) ** 2
     pixels, width = config.image_size ** 2, config.generator_width
     shared = config.encoder_pointwise == "shared"  # 1x1 layers: one matrix per layer, no basis, r^2 fewer values

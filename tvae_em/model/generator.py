@@ -126,8 +126,8 @@ class FourierLinear(torch.autograd.Function):
             weight_c, bias_c = weight.to(dtype), bias.to(dtype)  # bias required (nn.Linear's)
             out = torch.empty(*coords.shape[:-1], len(weight), dtype=dtype, device=coords.device)
             for rows, cos, sin in _chunked_trig(flat, scaled_b, phases, sines=phases is None):
-                features = cos.to(dtype) if phases is not None else _features(cos, sin, dtype)
-                torch.addmm(bias_c, features, weight_c.t(), out=out.view(len(flat), -1)[rows])
+                torch.addmm(bias_c, _features(cos, sin, dtype, phases), weight_c.t(),
+                            out=out.view(len(flat), -1)[rows])
         ctx.save_for_backward(coords, fourier_b, weight, phases)
         ctx.dtype = dtype
         return out
@@ -144,8 +144,7 @@ class FourierLinear(torch.autograd.Function):
             weight_grad = torch.zeros(weight.shape, dtype=flat.dtype, device=weight.device)
             coords_grad = torch.empty_like(flat)
             for rows, cos, sin in _chunked_trig(flat, scaled_b, phases):
-                features = cos.to(dtype) if phases is not None else _features(cos, sin, dtype)
-                weight_grad += (grad[rows].t() @ features).to(flat.dtype)
+                weight_grad += (grad[rows].t() @ _features(cos, sin, dtype, phases)).to(flat.dtype)
                 feature_grad = (grad[rows] @ weight_c).to(flat.dtype)  # d loss / d features
                 if phases is not None:  # d/dphase of cos: -sin
                     phase_grad = feature_grad.mul_(sin).neg_()
@@ -185,8 +184,12 @@ def _chunked_trig(flat: torch.Tensor, scaled_b: torch.Tensor, phases: torch.Tens
         yield rows, torch.cos(phase), torch.sin(phase) if sines else None
 
 
-def _features(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[cos, sin] in ``dtype``, written once (no float32 concatenation before the cast)."""
+def _features(cos: torch.Tensor, sin: torch.Tensor | None, dtype: torch.dtype, phases: torch.Tensor | None
+              ) -> torch.Tensor:
+    """A chunk's inputs of the coordinate layer in ``dtype``: the phase-shifted cosines alone when there are
+    ``phases``, else [cos, sin], written once (no float32 concatenation before the cast)."""
+    if phases is not None:
+        return cos.to(dtype)
     out = torch.empty(len(cos), 2 * cos.shape[1], dtype=dtype, device=cos.device)
     out[:, :cos.shape[1]] = cos
     out[:, cos.shape[1]:] = sin
