@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from tvae_em import ctf, simulate
+from tvae_em.config import ModelConfig
 from tvae_em.device import bf16_autocast, bf16_autocast_enabled, resolve_device
-from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model import TargetVAE
 
 CONFIGS = {  # name: (model, batch)
     "demo, 32 px": (dict(image_size=32, encoder_fields=16, generator_width=128, generator_depth=3,

@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from tvae_em import checkpoint
+from tvae_em.config import ModelConfig
 from tvae_em.io.stack import write_stack
 from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
-from tvae_em.model import ModelConfig
 
 RUN_LENGTH = 100  # consecutive images of one stack per block of rows, like the particles of one micrograph
 CHUNK_IMAGES = 10_000  # images generated and written per chunk

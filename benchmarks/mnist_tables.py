@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from tvae_em.checkpoint import load_model
+from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.io.atomic import atomic_path
 from tvae_em.io.stack import ArrayParticles
 from tvae_em.metrics import (
@@ -44,10 +45,10 @@ from tvae_em.metrics import (
     rotation_correlation,
     translation_correlation,
 )
-from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model import TargetVAE
 from tvae_em.model.baselines import MLPVAE, count_parameters, fit, hidden_for_parameters
 from tvae_em.simulate import has_mnist, make_mnist_variant, mnist_split
-from tvae_em.train import TrainConfig, train
+from tvae_em.train import train
 
 SIZE = 50
 SHIFT_STD_PX = 5.0

@@ -15,8 +15,9 @@ import time
 import numpy as np
 import torch
 
+from tvae_em.config import ModelConfig
 from tvae_em.metrics import circular_correlation, relative_pose, translation_correlation
-from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model import TargetVAE
 from tvae_em.simulate import make_shapes
 
 SIZE = 32
@@ -29,7 +30,7 @@ def train_and_score(subpixel, n, epochs, seed):
     images = torch.from_numpy(data["images"]).clamp(0, 1)
     config = ModelConfig(image_size=SIZE, rotations=8, z_dim=2, encoder_fields=16, generator_width=128,
                          generator_depth=2, fourier_features=128, fourier_scale=0.125,
-                         translation_prior_std=SHIFT_STD_PX, subpixel=subpixel)
+                         translation_prior_std=SHIFT_STD_PX, subpixel=subpixel, likelihood="bernoulli")
     model = TargetVAE(config)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)

@@ -4,8 +4,8 @@ For the paper's MNIST configuration (50x50, P8, 128 encoder fields, kernel 28 pa
 2, 1024 Fourier features, z_dim 2, batches of 100) and a cryo-EM configuration (100x100, P8, kernel 56 padding
 16, six-layer 512 generator, Gaussian likelihood), on CPU and, when present, on the GPU, two paths side by side:
 
-- naive: float32, escnn's own modules in training and inference, Fourier features materialised
-  (``encoder.escnn_forward = True``, ``generator.fused = False``): what the first correct version did;
+- naive: float32, the reference kernels (``ModelConfig.kernels = "reference"``): escnn's own modules in training
+  and inference, Fourier features materialised; what the first correct version did;
 - fast: what ``tvae-em train`` / ``embed`` / ``pose`` do: plain-torch encoder layers on escnn's filters
   (1x1 group convolutions as matrix products over a channels-last layout), chunked fused Fourier features,
   bfloat16 autocast where ``amp='auto'`` enables it (CUDA, AMX-BF16 CPUs), in training and in inference
@@ -41,8 +41,9 @@ from multiprocessing import get_context
 
 import torch
 
+from tvae_em.config import ModelConfig
 from tvae_em.device import bf16_autocast, bf16_autocast_enabled, cpu_has_amx_bf16
-from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model import TargetVAE
 from tvae_em.model.plain_encoder import output_fields
 
 CONFIGS = {
@@ -123,11 +124,9 @@ def measure(job: Job) -> dict:
     """Seconds per batch (median of ``job.steps``) and the process's peak memory for one job."""
     device = torch.device(job.device)
     torch.manual_seed(0)
-    config = ModelConfig(**job.config)
-    model = TargetVAE(config).to(device)
     fast = job.path == "fast"
-    model.encoder.escnn_forward = not fast
-    model.generator.fused = fast
+    config = ModelConfig(**job.config, kernels="fast" if fast else "reference")
+    model = TargetVAE(config).to(device)
     images = _batch(config, job.batch, device)
     bf16 = fast and fast_uses_bf16(device)
     if job.kind == "train":

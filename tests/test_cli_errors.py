@@ -25,11 +25,11 @@ from console_lines import message_lines
 
 from tvae_em import checkpoint, infer, render
 from tvae_em.cli import main
+from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE
 from tvae_em.io.stack import ArrayParticles, write_stack
 from tvae_em.io.star import read_star
-from tvae_em.model import ModelConfig
-from tvae_em.train import TrainConfig, train
+from tvae_em.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 BOX, N_IMAGES = 16, 6

@@ -16,9 +16,9 @@ from tiny_run import BOX, save_run
 from tvae_em import __version__, console
 from tvae_em import checkpoint as ckpt
 from tvae_em.cli import main
+from tvae_em.config import ModelConfig
 from tvae_em.errors import EXIT_DATA, EXIT_USAGE
 from tvae_em.io.stack import write_stack
-from tvae_em.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_TEXT = "bfloat16 autocast off, 1 process, 1 CPU thread and 0 reading processes each"

@@ -10,12 +10,13 @@ import torch
 
 from tvae_em import ctf, simulate
 from tvae_em.checkpoint import load_model
+from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.relion import CTF_COLUMNS, ctf_parameters, to_relion31
 from tvae_em.io.stack import ArrayParticles, open_particles, write_stack
 from tvae_em.io.star import new_relion31_star, read_star, write_star
-from tvae_em.model import ModelConfig, TargetVAE
-from tvae_em.train import TrainConfig, ctf_mode, train
+from tvae_em.model import TargetVAE
+from tvae_em.train import ctf_mode, train
 
 torch.set_num_threads(1)
 
@@ -173,7 +174,7 @@ def test_an_incomplete_ctf_is_refused_only_where_it_would_be_modelled(tmp_path, 
 
 # --- the model and training -----------------------------------------------------------------------------------
 
-TINY = dict(image_size=16, rotations=4, encoder_fields=2, generator_width=8, fourier_features=8,
+TINY = dict(image_size=16, rotations=4, encoder_fields=2, generator_width=8, generator_depth=2, fourier_features=8,
             likelihood="gaussian")
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tvae_em import checkpoint as ckpt
+from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.infer import encode_particles
 from tvae_em.io.stack import ArrayParticles
-from tvae_em.model import ModelConfig
-from tvae_em.train import TrainConfig, train
+from tvae_em.train import train
 
 pytestmark = pytest.mark.gpu
 SMALL = dict(image_size=24, rotations=4, z_dim=2, encoder_fields=4, encoder_kernel=13, generator_width=32,

@@ -7,9 +7,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from tvae_em.model import ModelConfig, TargetVAE, posterior
+from tvae_em.config import ModelConfig
+from tvae_em.model import TargetVAE, posterior
 from tvae_em.model.encoder import GroupConvEncoder
 from tvae_em.model.generator import SpatialGenerator, pixel_coordinates, transform_coordinates
+from tvae_em.model.kernels import StandardNormalKL
 from tvae_em.model.plain_encoder import CellEncoder
 
 torch.set_num_threads(1)
@@ -51,7 +53,7 @@ def test_encoder_shifting_input_shifts_map():
 
 def test_most_probable_z_invariant_and_pose_equivariant_under_rotation():
     torch.manual_seed(1)
-    cfg = ModelConfig(image_size=21, rotations=8, z_dim=3, encoder_fields=4, encoder_kernel=9,
+    cfg = ModelConfig.preset("mnist", image_size=21, rotations=8, z_dim=3, encoder_fields=4, encoder_kernel=9,
                       encoder_padding=4, generator_width=16, fourier_features=8)
     model = TargetVAE(cfg).eval()
     image = _blob_image(21, 5)
@@ -137,9 +139,9 @@ def test_fused_z_kl_and_weighted_sums_match_their_elementwise_definitions():
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
     logstd = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    fused = posterior.StandardNormalKL.apply(mu, logstd)
+    fused = StandardNormalKL.apply(mu, logstd)
     assert torch.allclose(fused, posterior.kl_normal(mu, logstd, 0.0, 1.0).sum(1))
-    assert torch.autograd.gradcheck(posterior.StandardNormalKL.apply, (mu, logstd))
+    assert torch.autograd.gradcheck(StandardNormalKL.apply, (mu, logstd))
 
     w = torch.softmax(torch.randn(2, 100, generator=g), 1).view(2, 4, 5, 5)
     cells = torch.randn(2, 3, 4, 5, 5, generator=g)
@@ -159,7 +161,7 @@ def test_rotation_prior_normal_prefers_small_angles():
 
 
 def _tiny_model(subpixel=False, likelihood="bernoulli"):
-    cfg = ModelConfig(image_size=20, rotations=4, z_dim=2, encoder_fields=4, encoder_kernel=9,
+    cfg = ModelConfig.preset("mnist", image_size=20, rotations=4, z_dim=2, encoder_fields=4, encoder_kernel=9,
                       encoder_padding=2, generator_width=32, fourier_features=16, fourier_scale=0.1,
                       subpixel=subpixel, likelihood=likelihood, translation_prior_std=3.0)
     return TargetVAE(cfg)
@@ -236,7 +238,7 @@ def test_theta_sample_split_across_the_seam_lands_between_the_two_bins():
 @pytest.mark.parametrize("box", [32, 128])
 def test_fourier_bandwidth_is_set_per_pixel_whatever_the_box(box):
     torch.manual_seed(0)
-    config = ModelConfig(image_size=box, encoder_fields=1, encoder_kernel=5, generator_width=8,
+    config = ModelConfig.preset("mnist", image_size=box, encoder_fields=1, encoder_kernel=5, generator_width=8,
                          fourier_features=4096, fourier_scale=0.1)  # a small kernel: the encoder is not the point
     frequencies = TargetVAE(config).generator.fourier_b  # cycles per unit of the frame: box / 2 pixels
     cycles_per_px = frequencies / (box / 2)
@@ -256,7 +258,7 @@ def test_normal_rotation_prior_tilts_the_attention_over_rotations():
 
 @pytest.mark.parametrize("box", [32, 48, 50, 64, 100, 128])
 def test_default_grid_has_a_cell_on_the_relion_box_centre(box):
-    config = ModelConfig(image_size=box, encoder_fields=1, generator_width=8, fourier_features=8)
+    config = ModelConfig.preset("mnist", image_size=box, encoder_fields=1, generator_width=8, fourier_features=8)
     assert config.encoder_kernel % 2 == 1
     # the grid code both encoders share (GroupConvEncoder is a CellEncoder), without building escnn's filters
     grid = CellEncoder(8, 2, kernel=config.encoder_kernel, padding=config.encoder_padding, subpixel=False).grid(box)
@@ -284,8 +286,8 @@ def test_centred_particle_gets_origin_zero_in_relion_convention(kernel):
     from tvae_em.poses import model_to_relion
 
     box = 32
-    model = TargetVAE(ModelConfig(image_size=box, encoder_fields=1, encoder_kernel=kernel, generator_width=8,
-                                  fourier_features=8)).eval()
+    model = TargetVAE(ModelConfig.preset("mnist", image_size=box, encoder_fields=1, encoder_kernel=kernel,
+                                         generator_width=8, fourier_features=8)).eval()
     r, m = model.config.rotations, model.grid.shape[0]
     peaked = _random_encoder_output(b=1, r=r, m=m, subpixel=False)
     distance2_px = (model.grid ** 2).sum(-1) * (box / 2) ** 2

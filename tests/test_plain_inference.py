@@ -5,6 +5,7 @@ what needs escnn (training, checkpoints from before the export) says so in one l
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,11 @@ import torch
 from tiny_run import BOX, TINY, save_run
 
 from tvae_em import checkpoint, infer
+from tvae_em.config import ModelConfig
 from tvae_em.device import torch_threads
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.stack import write_stack
 from tvae_em.io.star import new_relion31_star, write_star
-from tvae_em.model import ModelConfig
 from tvae_em.model.plain_encoder import PlainEncoder
 from tvae_em.model.vae import EscnnMissing
 
@@ -66,9 +67,9 @@ def test_plain_encoder_computes_what_the_escnn_encoder_computes(tmp_path, overri
     plain_model, config = checkpoint.load_model(run)
     assert isinstance(plain_model.encoder, PlainEncoder) and config == ModelConfig(**{**TINY, **overrides})
     images = torch.randn(6, BOX, BOX, generator=torch.Generator().manual_seed(1))
-    escnn_model.encoder.escnn_forward = True  # escnn's own modules, the reference
-    reference = escnn_model.encode(images)
-    escnn_model.encoder.escnn_forward = False
+    reference_model = checkpoint.build_model(replace(config, kernels="reference")).eval()  # escnn's own modules
+    reference_model.load_state_dict(escnn_model.state_dict())
+    reference = reference_model.encode(images)
     escnn_model.encoder.export()  # what inference ran before the export was kept
     exported = escnn_model.encode(images)
     plain = plain_model.encode(images)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tvae_em.checkpoint import load_model
+from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.io.stack import ArrayParticles
 from tvae_em.metrics import circular_correlation, relative_pose, translation_correlation
-from tvae_em.model import ModelConfig
 from tvae_em.simulate import make_shapes
-from tvae_em.train import TrainConfig, train
+from tvae_em.train import train
 
 SIZE = 32
 SHIFT_STD_PX = 3.0

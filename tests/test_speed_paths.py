@@ -1,5 +1,7 @@
-"""The fast paths (issue 6) compute what the faithful ones compute.
+"""The fast kernels (``ModelConfig.kernels = "fast"``, tvae_em/model/kernels.py) compute what the reference code
+computes.
 
+- a whole model: the same ELBO and gradients with either kernels;
 - plain-torch encoder layers on escnn's expanded filters == escnn's own modules (outputs and gradients);
 - the exported encoder == escnn in inference (same poses and latents on real MNIST digits);
 - FourierLinear (chunked, recomputing features in backward) == materialised features + nn.Linear (float64);
@@ -16,15 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from tvae_em import device as device_module
+from tvae_em.config import ModelConfig
 from tvae_em.device import torch_threads
-from tvae_em.model import ModelConfig, TargetVAE
-from tvae_em.model import generator as generator_module
+from tvae_em.model import TargetVAE
+from tvae_em.model import kernels as kernels_module
 from tvae_em.model import plain_encoder as plain_encoder_module
-from tvae_em.model.generator import FourierLinear, SpatialGenerator
+from tvae_em.model.generator import SpatialGenerator
+from tvae_em.model.kernels import FourierLinear
 from tvae_em.simulate import load_mnist, make_mnist_variant
 
 SMALL = dict(image_size=28, rotations=8, encoder_fields=4, encoder_kernel=15, encoder_padding=4, generator_width=32,
-             fourier_features=64, fourier_scale=0.2)
+             fourier_features=64, fourier_scale=0.2, likelihood="bernoulli", generator_depth=2)
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +51,32 @@ def _model(**options) -> TargetVAE:
     return TargetVAE(ModelConfig(**{**SMALL, **options}))
 
 
+def _twins(**options) -> tuple[TargetVAE, TargetVAE]:
+    """The same model (the same weights) with the reference kernels and with the fast ones."""
+    reference, fast = _model(kernels="reference", **options), _model(kernels="fast", **options)
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+@pytest.mark.parametrize("options", [{}, dict(subpixel=True, encoder_pointwise="shared", fourier_random_phase=True)])
+def test_a_model_with_fast_kernels_has_the_elbo_and_gradients_of_the_reference(digits, options):
+    results = []
+    for model in _twins(**options):
+        terms = model.elbo(digits[:8], torch.Generator().manual_seed(0))
+        terms.loss.backward()
+        grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+        results.append((terms.elbo.detach(), terms.kl.z.detach(), grads))
+    (elbo, kl_z, grads), (fast_elbo, fast_kl_z, fast_grads) = results
+    assert torch.allclose(fast_elbo, elbo, rtol=1e-5) and torch.allclose(fast_kl_z, kl_z, rtol=1e-5)
+    assert grads.keys() == fast_grads.keys()
+    for name, grad in grads.items():  # float32 sums in other orders, through the whole model
+        assert (fast_grads[name] - grad).abs().max() <= 1e-3 * grad.abs().max(), name
+
+
 @pytest.mark.parametrize("pointwise", ["group", "shared"])
 def test_plain_encoder_layers_match_escnn_modules_and_their_gradients(digits, pointwise):
-    model = _model(subpixel=True, encoder_pointwise=pointwise)
     outputs, grads = [], []
-    for escnn in (True, False):
-        model.encoder.escnn_forward = escnn
-        model.zero_grad()
+    for model in _twins(subpixel=True, encoder_pointwise=pointwise):
         out = model.encoder(digits[:8, None])
         fields = torch.cat([out.logits, out.theta_mu, out.z_mu.flatten(1, 2), out.shift_mu.flatten(1, 2)], 1)
         (fields * torch.linspace(-1, 1, fields.shape[1])[:, None, None]).sum().backward()
@@ -85,10 +108,8 @@ def test_rotation_shared_layers_are_group_convolutions_with_kron_filters():
 
 
 def test_exported_encoder_gives_escnn_poses_and_latents_on_mnist(digits):
-    model = _model().eval()
-    model.encoder.escnn_forward = True
-    reference = model.encode(digits)
-    model.encoder.escnn_forward = False
+    reference_model, model = (twin.eval() for twin in _twins())
+    reference = reference_model.encode(digits)
     model.encoder.export()
     exported = model.encode(digits)
     assert model.encoder._exported is not None
@@ -113,7 +134,7 @@ def test_bf16_inference_keeps_the_posterior_outputs_in_float32(digits):
 
 @pytest.mark.parametrize("random_phase", [False, True])
 def test_fourier_linear_equals_materialised_features_in_float64(monkeypatch, random_phase):
-    monkeypatch.setattr(generator_module, "CHUNK_VALUES", 7 * 16)  # 7 pixels per chunk: many chunks, one partial
+    monkeypatch.setattr(kernels_module, "CHUNK_VALUES", 7 * 16)  # 7 pixels per chunk: many chunks, one partial
     torch.manual_seed(0)
     layer = SpatialGenerator(z_dim=2, width=8, fourier_features=16, fourier_scale=3.0,
                              random_phase=random_phase).double()
@@ -136,22 +157,22 @@ def test_fourier_linear_equals_materialised_features_in_float64(monkeypatch, ran
 @pytest.mark.parametrize("random_phase", [False, True])
 def test_generator_paths_agree_in_float32(random_phase):
     torch.manual_seed(0)
-    gen = SpatialGenerator(z_dim=2, width=32, depth=3, fourier_features=64, random_phase=random_phase)
+    fast = SpatialGenerator(z_dim=2, width=32, depth=3, fourier_features=64, random_phase=random_phase)
+    reference = SpatialGenerator(z_dim=2, width=32, depth=3, fourier_features=64, random_phase=random_phase,
+                                 fast=False)
+    reference.load_state_dict(fast.state_dict())
     coords, z = torch.rand(4, 50, 2) * 2 - 1, torch.randn(4, 2)
-    gen.fused = True
-    fused = gen(coords, z)
-    gen.fused = False
-    assert torch.allclose(fused, gen(coords, z), atol=1e-5)
+    assert torch.allclose(fast(coords, z), reference(coords, z), atol=1e-5)
 
 
 def test_first_layer_filter_gradient_matches_conv2d_across_chunks(monkeypatch):
-    monkeypatch.setattr(plain_encoder_module, "_UNFOLDED_VALUES", 2 * 25 * 12 * 12)  # 2 images per chunk, 5 images
+    monkeypatch.setattr(kernels_module, "_UNFOLDED_VALUES", 2 * 25 * 12 * 12)  # 2 images per chunk, 5 images
     torch.manual_seed(0)
     images = torch.rand(5, 1, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last)
     weight = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(5, 6, 12, 12, dtype=torch.float64)
-    out = plain_encoder_module._BigKernelConv.apply(images, weight, bias, 2)
+    out = kernels_module.BigKernelConv.apply(images, weight, bias, 2)
     grads = torch.autograd.grad(out, (weight, bias), upstream)
     reference = F.conv2d(images, weight, bias, padding=2)
     reference_grads = torch.autograd.grad(reference, (weight, bias), upstream)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tvae_em import checkpoint as ckpt
+from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.device import cgroup_cpu_quota, cpu_budget, plan_threads
 from tvae_em.errors import UsageError
 from tvae_em.infer import encode_particles
-from tvae_em.model import ModelConfig
-from tvae_em.train import TrainConfig, train
+from tvae_em.train import train
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -87,7 +87,8 @@ class ThreadProbe:
         return self.images[np.asarray(indices)]
 
 
-SMALL = dict(image_size=16, rotations=4, encoder_fields=2, generator_width=8, generator_depth=1, fourier_features=8)
+SMALL = dict(image_size=16, rotations=4, encoder_fields=2, generator_width=8, generator_depth=1, fourier_features=8,
+             likelihood="bernoulli")
 
 
 def test_training_and_encoding_run_with_the_threads_asked_for_and_restore_them(tmp_path):

@@ -23,14 +23,14 @@ from relion_files import optics_block
 
 from tvae_em import __version__
 from tvae_em import checkpoint as ckpt
+from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
 from tvae_em.interrupt import Stop, stop_on_signals
-from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model import TargetVAE
 from tvae_em.model.vae import COARSEST_CYCLES
 from tvae_em.train import (
     LOG_COLUMNS,
     Interrupted,
-    TrainConfig,
     TrainingDiverged,
     _interruptible_backward,
     _Trainer,
@@ -43,7 +43,8 @@ from tvae_em.train import (
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = dict(image_size=24, encoder_fields=4, encoder_kernel=9, generator_width=32, fourier_features=16)
+MODEL = dict(image_size=24, encoder_fields=4, encoder_kernel=9, generator_width=32, generator_depth=2,
+             fourier_features=16, likelihood="bernoulli")
 N_PARTICLES = 40  # 30 training particles in 4 batches of 8, 10 for validation
 
 
@@ -399,7 +400,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_train import MODEL, ArrayParticles, blobs, tiny_train_config
 from tvae_em.errors import TvaeError
-from tvae_em.model import ModelConfig
+from tvae_em.config import ModelConfig
 from tvae_em.train import train
 torch.set_num_threads(1)
 try:

@@ -1,7 +1,7 @@
 """A tiny, randomly initialised run folder for tests of the commands that read a trained model."""
 
 from tvae_em import checkpoint
-from tvae_em.model import ModelConfig
+from tvae_em.config import ModelConfig
 
 BOX = 16
 TINY = dict(image_size=BOX, rotations=4, z_dim=2, encoder_fields=4, generator_width=16, generator_depth=1,

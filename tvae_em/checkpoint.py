@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from tvae_em import __version__, console
+from tvae_em.config import ModelConfig
 from tvae_em.errors import InputError, TvaeError
 from tvae_em.io.atomic import atomic_path, locked_folder
 from tvae_em.io.files import regular_file
 from tvae_em.memory import check_fits, model_bytes
-from tvae_em.model import ModelConfig, TargetVAE
+from tvae_em.model import TargetVAE
 from tvae_em.model.vae import EscnnMissing
 
 FORMAT_VERSION = 2

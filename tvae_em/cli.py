@@ -12,18 +12,44 @@ import click
 from click.core import ParameterSource
 
 from tvae_em import __version__, console
+from tvae_em.config import (
+    AMP_MODES,
+    CTF_REQUESTS,
+    LIKELIHOODS,
+    POINTWISE_KINDS,
+    ROTATION_PRIORS,
+    TRAIN_PRESETS,
+    ModelConfig,
+    TrainConfig,
+    option_default,
+    split_options,
+)
 from tvae_em.errors import EXIT_INTERRUPTED, TvaeError, UsageError
 from tvae_em.interrupt import Stop, stop_on_signals
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-_DEVICE = click.option("--device", default="auto", show_default=True,
+
+
+def _model_default(name: str, preset: str | None = None):
+    return option_default(ModelConfig, name, preset)
+
+
+def _recipe(name: str, preset: str | None = None):
+    """A training setting's default under a recipe (``config.TRAIN_PRESETS``), for the options and their help."""
+    return option_default(TrainConfig, name, preset)
+
+
+def _recipes(name: str) -> str:
+    return "; ".join(f"{preset} {_recipe(name, preset)}" for preset in TRAIN_PRESETS)
+
+
+_DEVICE = click.option("--device", default=_recipe("device"), show_default=True,
                        help="'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.")
 _DATADIR = click.option("--datadir", type=click.Path(file_okay=False),
                         help="Folder holding the stacks named in rlnImageName (tried as datadir/path, then "
                              "datadir/basename) when they are not relative to the STAR file; for a cryoSPARC .cs "
                              "file, the project directory.")
-# the choices are device.AMP_MODES, written out so that --help does not import torch
-_AMP = click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
+_AMP = click.option("--amp", type=click.Choice(AMP_MODES), default=_recipe("amp"), show_default=True,
                     help="bfloat16 autocast: 'auto' on CUDA GPUs and CPUs with AMX-BF16 units, 'bf16' always, "
                          "'off' for float32 throughout.")
 _CLASS_NUMBER_HELP = ("With --clusters, the clusters also go to rlnClassNumber, which RELION's subset selection "
@@ -173,54 +199,64 @@ def preprocess(star, out_dir, box, invert, normalize, mask, phase_flip, picks, m
                    "started with. --epochs is then the new total (default: the run's), --device and --amp may "
                    "change; any other option given with a value unlike the run's is refused, naming it, since "
                    "it would change the model or the optimisation. A finished run is left as it is.")
-@click.option("--rotations", default=8, show_default=True, help="Discrete rotations r of the P_r group.")
-@click.option("--z-dim", default=2, show_default=True, help="Dimension of the semantic latent z.")
-@click.option("--encoder-fields", default=128, show_default=True, help="Regular fields of the encoder.")
+@click.option("--rotations", default=_model_default("rotations"), show_default=True,
+              help="Discrete rotations r of the P_r group.")
+@click.option("--z-dim", default=_model_default("z_dim"), show_default=True,
+              help="Dimension of the semantic latent z.")
+@click.option("--encoder-fields", default=_model_default("encoder_fields"), show_default=True,
+              help="Regular fields of the encoder.")
 @click.option("--encoder-kernel", type=int, help="First-layer kernel (default 0.65 of the box, odd; it must be "
                                                  "larger than the particle).")
 @click.option("--encoder-padding", type=int, help="First-layer padding (default 8/50 of the box).")
-@click.option("--encoder-pointwise", type=click.Choice(["group", "shared"]), default="group", show_default=True,
+@click.option("--encoder-pointwise", type=click.Choice(POINTWISE_KINDS), default=_model_default("encoder_pointwise"),
+              show_default=True,
               help="The encoder's 1x1 layers: full group convolutions, or one matrix shared by every rotation "
                    "(the authors' code; r times fewer multiply-adds, equally equivariant).")
-@click.option("--generator-width", default=512, show_default=True, help="Units per generator layer.")
-@click.option("--generator-depth", default=6, show_default=True,
-              help="Generator layers (paper: 6 for cryo-EM).")
-@click.option("--fourier-features", default=1024, show_default=True,
+@click.option("--generator-width", default=_model_default("generator_width"), show_default=True,
+              help="Units per generator layer.")
+@click.option("--generator-depth", default=_model_default("generator_depth"), show_default=True,
+              help=f"Generator layers (paper: {_model_default('generator_depth', 'cryoem')} for cryo-EM, "
+                   f"{_model_default('generator_depth', 'mnist')} for MNIST).")
+@click.option("--fourier-features", default=_model_default("fourier_features"), show_default=True,
               help="Random Fourier features of the coordinates (0: plain coordinates).")
-@click.option("--fourier-random-phase/--fourier-sin-cos", default=False, show_default=True,
+@click.option("--fourier-random-phase/--fourier-sin-cos", default=_model_default("fourier_random_phase"),
+              show_default=True,
               help="Generator inputs: one cosine with a fixed random phase per Fourier feature (the authors' "
                    "code; half the inputs), or the cosine and sine of each.")
-@click.option("--fourier-scale", type=float,
-              help="Std of the generator's random Fourier frequencies, in cycles per pixel (default 0.12).")
-@click.option("--likelihood", type=click.Choice(["gaussian", "bernoulli"]), default="gaussian",
+@click.option("--fourier-scale", default=_model_default("fourier_scale"), show_default=True,
+              help="Std of the generator's random Fourier frequencies, in cycles per pixel.")
+@click.option("--likelihood", type=click.Choice(LIKELIHOODS), default=_model_default("likelihood"),
               show_default=True, help="gaussian for cryo-EM (real-valued), bernoulli for binary images.")
-@click.option("--rotation-prior", type=click.Choice(["uniform", "normal"]), default="uniform",
+@click.option("--rotation-prior", type=click.Choice(ROTATION_PRIORS), default=_model_default("rotation_prior"),
               show_default=True, help="p(r): uniform, or discretised N(0, (pi/4)^2) around 0.")
-@click.option("--translation-prior-std", default=5.0, show_default=True, help="Std of p(t) in pixels.")
-@click.option("--ctf", type=click.Choice(["auto", "on", "none"]), default="auto", show_default=True,
+@click.option("--translation-prior-std", default=_model_default("translation_prior_std"), show_default=True,
+              help="Std of p(t) in pixels.")
+@click.option("--ctf", type=click.Choice(CTF_REQUESTS), default="auto", show_default=True,
               help="Multiply each posed generator image by the particle's CTF (from rlnDefocusU/V, "
                    "rlnDefocusAngle and the optics values) before comparing it with the image. auto: when the "
                    "STAR has defocus values (|CTF| for images phase flipped by 'preprocess --phase-flip'); on: "
                    "the same, but a STAR without them is an error; none: never.")
 @click.option("--subpixel", is_flag=True, help="Add a continuous translation offset per cell (beyond the "
                                                "paper: sub-pixel shifts).")
-@click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True,
-              help="Training recipe the options below default to. default: batches of 32, 20 epochs, Adam at "
-                   "2e-3, frequency band opened coarse to fine over half of them (measured in "
-                   "benchmarks/RESULTS.md). paper: batches of 100, up to 500 epochs, 2e-4, all frequencies "
-                   "from the start (section 4.1).")
-@click.option("--batch-size", type=int, help="Particles per optimiser step (default 32; paper 100).")
-@click.option("--epochs", type=int, help="Maximum epochs (default 20; paper 500; with --resume the new total, "
-                                         "default the run's); training stops early after 20 without "
-                                         "improvement.")
-@click.option("--lr", type=float, help="Adam learning rate (default 2e-3; paper 2e-4), halved after 10 epochs "
-                                       "without improvement.")
+@click.option("--preset", type=click.Choice(TRAIN_PRESETS), default="default", show_default=True,
+              help=f"Training recipe the options below default to. default: batches of {_recipe('batch_size')}, "
+                   f"{_recipe('epochs')} epochs, Adam at {_recipe('lr')}, frequency band opened coarse to fine "
+                   f"over {_recipe('coarse_to_fine')} of them (measured in benchmarks/RESULTS.md). paper: batches "
+                   f"of {_recipe('batch_size', 'paper')}, up to {_recipe('epochs', 'paper')} epochs, "
+                   f"{_recipe('lr', 'paper')}, all frequencies from the start (section 4.1).")
+@click.option("--batch-size", type=int, help=f"Particles per optimiser step ({_recipes('batch_size')}).")
+@click.option("--epochs", type=int, help=f"Maximum epochs ({_recipes('epochs')}; with --resume the new total, "
+                                         "default the run's); training stops early after "
+                                         f"{_recipe('early_stop')} without improvement.")
+@click.option("--lr", type=float, help=f"Adam learning rate ({_recipes('lr')}), halved after "
+                                       f"{_recipe('patience_lr')} epochs without improvement.")
 @click.option("--coarse-to-fine", type=float,
               help="Fraction of the epochs over which the frequency band of the generator's features and of "
-                   "the encoder's input opens from coarse to fine (default 0.5; paper 0: all frequencies from "
-                   "the start).")
-@click.option("--val-fraction", default=0.1, show_default=True, help="Random validation fraction (seeded).")
-@click.option("--seed", default=0, show_default=True)
+                   f"the encoder's input opens from coarse to fine ({_recipes('coarse_to_fine')}: 0 lets all "
+                   "frequencies through from the start).")
+@click.option("--val-fraction", default=_recipe("val_fraction"), show_default=True,
+              help="Random validation fraction (seeded).")
+@click.option("--seed", default=_recipe("seed"), show_default=True)
 @click.option("--ind", "--indices", "indices_file", type=click.Path(dir_okay=False),
               help=f"Train only on the particles of these 0-based rows of STAR ({_INDEX_FILES}). The run records "
                    "them (split.npz: input_rows); --resume uses them again and refuses others.")
@@ -253,16 +289,11 @@ def train(ctx, star, run_dir, resume_dir, datadir, device, indices_file, **optio
         training.resume_from_star(star, resume_dir, {**requested, "device": device}, datadir=datadir,
                                   indices_file=indices_file)
         return
-    given = {key: options.pop(key) for key in _TRAIN_KEYS}
-    train_config = training.TrainConfig.preset(options.pop("preset"), device=device,
-                                               **{key: value for key, value in given.items() if value is not None})
-    ctf = options.pop("ctf")
-    model_options = {key: value for key, value in options.items() if value is not None}
+    preset, ctf = options.pop("preset"), options.pop("ctf")
+    train_options, model_options = split_options({key: value for key, value in options.items() if value is not None})
+    train_config = TrainConfig.preset(preset, device=device, **train_options)
     training.train_from_star(star, run_dir, train_config, model_options, datadir=datadir, ctf=ctf,
                              indices_file=indices_file)
-
-
-_TRAIN_KEYS = ("batch_size", "epochs", "lr", "coarse_to_fine", "val_fraction", "seed", "amp", "threads")
 
 
 def _given(ctx, name: str) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tvae_em.config import AMP_MODES
 from tvae_em.errors import UsageError
 
 
@@ -29,9 +30,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
-
-
-AMP_MODES = ("auto", "bf16", "off")
 
 
 def bf16_autocast_enabled(amp: str, device: torch.device) -> bool:

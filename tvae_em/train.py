@@ -52,9 +52,8 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -66,9 +65,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from tvae_em import checkpoint as ckpt
 from tvae_em import console
+from tvae_em.config import CTF_REQUESTS, RECIPE_SETTINGS, ModelConfig, TrainConfig
 from tvae_em.ctf import transfer as ctf_transfer
 from tvae_em.device import (
-    AMP_MODES,
     bf16_autocast,
     bf16_autocast_enabled,
     plan_threads,
@@ -79,7 +78,6 @@ from tvae_em.errors import InputError, Interrupted, TvaeError, UsageError
 from tvae_em.interrupt import STOP_SIGNALS, Stop, deferred_signals, stop_on_signals
 from tvae_em.io.atomic import atomic_path, locked_folder, refuse_overwriting
 from tvae_em.memory import FLOAT_BYTES, check_fits, model_bytes
-from tvae_em.model import ModelConfig
 from tvae_em.plots import save_figure
 
 METRICS = ("elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift")
@@ -104,71 +102,6 @@ _SPLIT, _INIT, _ORDER, _NOISE, _VALIDATION = range(5)
 
 class TrainingDiverged(TvaeError):
     """The loss or its gradient became NaN/inf; nothing of the failing epoch was saved."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings. The defaults are tvae-em's recipe, measured to find poses and classes within a few
-    epochs on every seed tried (benchmarks/RESULTS.md, "Training that learns"): Adam at 2e-3 on batches of 32,
-    with the frequency band of the generator and of the encoder's input opened coarse to fine over the first
-    half of the epochs (``TargetVAE.open_band``). ``preset("paper")`` is
-    the paper's (section 4.1): 2e-4, batches of 100, up to 500 epochs, all frequencies from the start. Both halve
-    the learning rate after ``patience_lr`` epochs without improvement and stop after ``early_stop``.
-    """
-
-    batch_size: int = 32
-    epochs: int = 20  # maximum; early stopping may end the run before
-    lr: float = 2e-3
-    coarse_to_fine: float = 0.5  # fraction of the epochs over which the frequency band opens; 0: all at once
-    val_fraction: float = 0.1
-    seed: int = 0
-    patience_lr: int = 10  # epochs without improvement after which the learning rate is multiplied by lr_factor
-    lr_factor: float = 0.5
-    early_stop: int = 20  # epochs without improvement before training stops
-    device: str = "auto"  # 'auto' (first CUDA GPU, else CPU), 'cpu', 'cuda', 'cuda:1', ...
-    amp: str = "auto"  # 'auto': bfloat16 autocast on CUDA and AMX-BF16 CPUs, else none; 'bf16': always; 'off': never
-    num_workers: int = 2  # at most this many processes read batches ahead of the loop (``device.plan_threads``)
-    threads: int | None = None  # CPUs to use, workers included; None: those the process may use (``cpu_budget``)
-    progress: bool = True  # a bar per epoch on a terminal and a summary line per epoch on stderr
-
-    # Settings that may change when a run is resumed (epochs: the new total); all others shape the trajectory and
-    # must stay.
-    RESUMABLE_CHANGES: ClassVar[tuple] = ("epochs", "device", "amp", "num_workers", "threads", "progress")
-    # Where and how visibly a process computes: each invocation's own, never taken from a run it resumes.
-    PER_INVOCATION: ClassVar[tuple] = ("device", "num_workers", "threads", "progress")
-
-    def __post_init__(self):
-        checks = [
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.lr > 0, "lr must be positive"),
-            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-            (self.patience_lr >= 1 and self.early_stop >= 1, "patience_lr and early_stop must be at least 1"),
-            (0 <= self.coarse_to_fine <= 1, "coarse_to_fine must be in [0, 1]"),
-            (0 < self.lr_factor < 1, "lr_factor must be in (0, 1)"),
-            (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-            (self.threads is None or self.threads >= 1, "threads must be at least 1"),
-        ]
-        for ok, problem in checks:
-            if not ok:
-                raise UsageError(problem)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def preset(cls, name: str, **changes) -> "TrainConfig":
-        """The named recipe ('default' or 'paper') with ``changes`` on top."""
-        if name not in PRESETS:
-            raise UsageError(f"unknown training preset {name!r}; expected one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **changes})
-
-
-CTF_REQUESTS = ("auto", "on", "none")
-PRESETS = {"default": {}, "paper": {"batch_size": 100, "epochs": 500, "lr": 2e-4, "coarse_to_fine": 0.0}}
-# What a preset given on resume is checked against: its recipe without the epochs, which resume sets anew.
-_RECIPE_SETTINGS = sorted({key for recipe in PRESETS.values() for key in recipe} - {"epochs"})
 
 
 @dataclass
@@ -354,7 +287,7 @@ def _resume_conflicts(train_config: TrainConfig, model_config: ModelConfig, requ
     preset = requested.get("preset")
     if preset is not None:
         recipe = TrainConfig.preset(preset)
-        asked.update({key: (getattr(recipe, key), f"--preset {preset}") for key in _RECIPE_SETTINGS})
+        asked.update({key: (getattr(recipe, key), f"--preset {preset}") for key in RECIPE_SETTINGS})
     for key, value in requested.items():
         if key == "ctf":
             asked[key] = (ctf_mode(value, particles, note=False), f"--ctf {value}")

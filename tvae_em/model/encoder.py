@@ -16,9 +16,9 @@ and its translation in the generator frame is t = ((col - N//2) / (N/2), (row - 
 which the generator places pixel (row, col) (``tvae_em.model.generator.pixel_coordinates``). With an even kernel
 the cells sit on half pixels; the mapping stays exact.
 
-Speed and inference. The layers run as plain torch ops on the filters escnn expands
-(``tvae_em.model.plain_encoder``); a checkpoint keeps those filters (``exported_state``), so that inference
-runs without escnn.
+Speed and inference. With ``fast`` (``ModelConfig.kernels``) the layers run as plain torch ops on the filters escnn
+expands (``tvae_em.model.plain_encoder``), otherwise as escnn's own modules; a checkpoint keeps those filters
+(``exported_state``), so that inference runs without escnn.
 """
 
 import itertools
@@ -54,7 +54,7 @@ class GroupConvEncoder(CellEncoder):
     """y (B, 1, N, N) -> EncoderOutput. See the module docstring for the layers and the grid."""
 
     def __init__(self, rotations: int, z_dim: int, fields: int = 128, kernel: int = 28, padding: int = 8,
-                 subpixel: bool = False, theta_logstd_init: float = 0.0, pointwise: str = "group"):
+                 subpixel: bool = False, theta_logstd_init: float = 0.0, pointwise: str = "group", fast: bool = True):
         super().__init__(rotations, z_dim, kernel, padding, subpixel, pointwise)
         self.gspace = gspaces.rot2dOnR2(N=rotations)
         self.in_type = enn.FieldType(self.gspace, [self.gspace.trivial_repr])
@@ -75,7 +75,7 @@ class GroupConvEncoder(CellEncoder):
         _flush_denormal_bases(self.net)
         self._start_near_priors(theta_logstd_init)
         self._exported = None
-        self.escnn_forward = False  # True: run escnn's modules (the reference for the plain-torch path)
+        self.fast = fast  # False: run escnn's modules, the reference for the plain-torch path
 
     def _start_near_priors(self, theta_logstd: float) -> None:
         """Initialise the output layer so that q(theta | t, r) and q(z | t, r) start close to their priors.
@@ -118,12 +118,12 @@ class GroupConvEncoder(CellEncoder):
         return super().train(mode)
 
     def forward(self, images: torch.Tensor) -> EncoderOutput:
-        if self.escnn_forward:
+        if self.fast:
+            out = plain_group_conv(images, self._filters(), self.padding, self.shared_over())
+        else:
             out = self.net(enn.GeometricTensor(images, self.in_type)).tensor.float()
             if self.shared:
                 out = self._shared_reference(out)
-        else:
-            out = plain_group_conv(images, self._filters(), self.padding, self.shared_over())
         return self.posterior_fields(out)
 
     def _shared_reference(self, first: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,8 @@ Recht's original random features: half the inputs to the coordinate layer for as
 coordinate path and the z path go through separate linear layers, are summed, and pass through shared
 fully-connected layers with LeakyReLU.
 
-Memory and speed. The features of a batch are large (100 images x 2500 pixels x 2048 features is 2 GB in
-float32) and are only needed to feed the coordinate layer, so by default (``fused = True``) the features and that
-layer are computed together a few thousand pixels at a time (``FourierLinear``), in the autocast precision for
-the matrix product but always float32 for the phases (bfloat16 phases of up to ~100 rad would be off by ~0.3
-rad), and recomputed in the backward pass instead of being stored. ``fused = False`` is the plain reference.
+Speed. With ``fast`` (``ModelConfig.kernels``), the features and the coordinate layer run as one kernel,
+``kernels.FourierLinear``, which never holds the features of a whole batch; otherwise as written here.
 """
 
 import math
@@ -30,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CHUNK_VALUES = 1 << 21  # Fourier feature values (pixels x features) per chunk of FourierLinear on CPU
+from tvae_em.model.kernels import FourierLinear
 
 
 def pixel_coordinates(image_size: int, device=None) -> torch.Tensor:
@@ -60,7 +57,7 @@ class SpatialGenerator(nn.Module):
     """p(y_i | z, x_i'): (B, P, 2) coordinates and (B, Z) content -> (B, P, out_channels) parameters."""
 
     def __init__(self, z_dim: int, width: int = 512, depth: int = 2, fourier_features: int = 1024,
-                 fourier_scale: float = 3.0, out_channels: int = 1, random_phase: bool = False):
+                 fourier_scale: float = 3.0, out_channels: int = 1, random_phase: bool = False, fast: bool = True):
         super().__init__()
         # None when not used: not in the state then, so that checkpoints of [cos, sin] generators load as before
         self.register_buffer("fourier_phase", None)
@@ -79,7 +76,7 @@ class SpatialGenerator(nn.Module):
         for _ in range(depth - 1):  # in-place activations: autograd keeps one (B, P, width) tensor per layer
             shared += [nn.Linear(width, width), nn.LeakyReLU(inplace=True)]
         self.shared = nn.Sequential(nn.LeakyReLU(inplace=True), *shared, nn.Linear(width, out_channels))
-        self.fused = True  # False: materialise the Fourier features (the reference for FourierLinear)
+        self.fast = fast  # the features and the coordinate layer as one kernel (module docstring)
 
     def features(self, coords: torch.Tensor) -> torch.Tensor:
         if self.fourier_b is None:
@@ -95,7 +92,7 @@ class SpatialGenerator(nn.Module):
         weight, bias = self.coord_layer.weight, self.coord_layer.bias
         if feature_gain is not None:  # one column per feature, or two: [cos, sin]
             weight = weight * feature_gain.repeat(weight.shape[1] // len(feature_gain))
-        if self.fused and self.fourier_b is not None:
+        if self.fast and self.fourier_b is not None:
             h = FourierLinear.apply(coords, self.fourier_b, weight, bias, self.fourier_phase)
         else:
             h = F.linear(self.features(coords), weight, bias)
@@ -105,92 +102,3 @@ class SpatialGenerator(nn.Module):
         # (in-place ops on views make autograd copy gradients back into the base).
         h = self.shared[0](h)
         return self.shared[1:](h.view(-1, h.shape[-1])).view(*h.shape[:-1], -1)
-
-
-class FourierLinear(torch.autograd.Function):
-    """``coord_layer(features(coords))`` in chunks of pixels, features recomputed in the backward pass.
-
-    coords (..., 2), fourier_b (2, F), weight (W, 2F), bias (W,) -> (..., W); with phases (F,), the features are
-    cos(phase + phases) and weight is (W, F). Gradients flow to the coordinates (hence to the pose), the weight
-    and the bias; ``fourier_b`` and ``phases`` are fixed buffers. Under autocast the matrix
-    products run in the autocast dtype (the result has that dtype, as ``nn.Linear``'s would) while phases, sines
-    and cosines stay float32. Memory beyond the output: one chunk of features.
-    """
-
-    @staticmethod
-    def forward(ctx, coords, fourier_b, weight, bias, phases=None):
-        device = coords.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        with torch.autocast(device, enabled=False):
-            flat, scaled_b = _phase_inputs(coords, fourier_b)
-            weight_c, bias_c = weight.to(dtype), bias.to(dtype)  # bias required (nn.Linear's)
-            out = torch.empty(*coords.shape[:-1], len(weight), dtype=dtype, device=coords.device)
-            for rows, cos, sin in _chunked_trig(flat, scaled_b, phases, sines=phases is None):
-                torch.addmm(bias_c, _features(cos, sin, dtype, phases), weight_c.t(),
-                            out=out.view(len(flat), -1)[rows])
-        ctx.save_for_backward(coords, fourier_b, weight, phases)
-        ctx.dtype = dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        coords, fourier_b, weight, phases = ctx.saved_tensors
-        dtype, n_features = ctx.dtype, fourier_b.shape[1]
-        device = coords.device.type
-        with torch.autocast(device, enabled=False):
-            flat, scaled_b = _phase_inputs(coords, fourier_b)
-            grad = grad.reshape(len(flat), -1).to(dtype)
-            weight_c = weight.to(dtype)
-            weight_grad = torch.zeros(weight.shape, dtype=flat.dtype, device=weight.device)
-            coords_grad = torch.empty_like(flat)
-            for rows, cos, sin in _chunked_trig(flat, scaled_b, phases):
-                weight_grad += (grad[rows].t() @ _features(cos, sin, dtype, phases)).to(flat.dtype)
-                feature_grad = (grad[rows] @ weight_c).to(flat.dtype)  # d loss / d features
-                if phases is not None:  # d/dphase of cos: -sin
-                    phase_grad = feature_grad.mul_(sin).neg_()
-                else:  # d/dphase: g_sin cos - g_cos sin, in one dtype (mixed-dtype products are ~3x slower)
-                    phase_grad = feature_grad[:, n_features:] * cos
-                    phase_grad.addcmul_(feature_grad[:, :n_features], sin, value=-1)
-                torch.mm(phase_grad, scaled_b.t(), out=coords_grad[rows])
-            bias_grad = grad.to(flat.dtype).sum(0)
-        return (coords_grad.view(coords.shape).to(coords.dtype), None, weight_grad.to(weight.dtype),
-                bias_grad.to(weight.dtype), None)
-
-
-def _phase_inputs(coords: torch.Tensor, fourier_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, 2) coordinates and 2 pi B, in float32 at least whatever the autocast or parameter dtype."""
-    dtype = torch.promote_types(coords.dtype, torch.float32)
-    return coords.reshape(-1, 2).to(dtype), (2 * math.pi) * fourier_b.to(dtype)
-
-
-def _chunk_rows(device_type: str, n_features: int) -> int:
-    """Pixels per chunk: on CPU ~2M feature values (2048 pixels of 1024 features), small enough to stay in cache
-    (measured: 2.3x faster than one batch-sized block at the paper's size); on GPUs 64x more, so that every
-    kernel launch is large."""
-    values = CHUNK_VALUES if device_type == "cpu" else 64 * CHUNK_VALUES
-    return max(1, values // n_features)
-
-
-def _chunked_trig(flat: torch.Tensor, scaled_b: torch.Tensor, phases: torch.Tensor | None = None,
-                  sines: bool = True):
-    """(row slice, cos, sin) of the phases 2 pi B x (+ ``phases``) for consecutive chunks of the (P, 2)
-    coordinates; sin is None unless ``sines``."""
-    step = _chunk_rows(flat.device.type, scaled_b.shape[1])
-    for start in range(0, len(flat), step):
-        rows = slice(start, start + step)
-        phase = flat[rows] @ scaled_b
-        if phases is not None:
-            phase += phases.to(phase.dtype)
-        yield rows, torch.cos(phase), torch.sin(phase) if sines else None
-
-
-def _features(cos: torch.Tensor, sin: torch.Tensor | None, dtype: torch.dtype, phases: torch.Tensor | None
-              ) -> torch.Tensor:
-    """A chunk's inputs of the coordinate layer in ``dtype``: the phase-shifted cosines alone when there are
-    ``phases``, else [cos, sin], written once (no float32 concatenation before the cast)."""
-    if phases is not None:
-        return cos.to(dtype)
-    out = torch.empty(len(cos), 2 * cos.shape[1], dtype=dtype, device=cos.device)
-    out[:, :cos.shape[1]] = cos
-    out[:, cos.shape[1]:] = sin
-    return out

@@ -9,8 +9,8 @@ and the split of the output channels into the posterior's parameters.
 
 Speed. ``plain_group_conv`` runs the big-kernel convolution in channels-last layout and the 1x1 group convolutions
 as matrix products over the channel axis of that layout, and on CPU the first layer's filter gradient as a matrix
-product over unfolded patches. The result is the convolution escnn's own modules compute
-(``GroupConvEncoder.escnn_forward = True``, the reference it is tested against), several times faster to train, in
+product over unfolded patches (``kernels.BigKernelConv``). The result is the convolution escnn's own modules compute
+(``GroupConvEncoder`` with 'reference' kernels, what it is tested against), several times faster to train, in
 bfloat16 above all (benchmarks/RESULTS.md, "Throughput").
 
 Rotation-shared 1x1 layers (``encoder_pointwise = "shared"``, beyond the paper's text: what the authors' code does).
@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tvae_em.config import POINTWISE_KINDS
+from tvae_em.model.kernels import BigKernelConv
+
 LEAKY_SLOPE = 0.01  # negative slope of escnn's LeakyReLU (its default), reproduced by the plain-torch path
-_UNFOLDED_VALUES = 1 << 22  # input patches unfolded at a time for the first layer's filter gradient
 _ROWS = 1 << 13  # cells per float32 product of the output layer in bfloat16 inference
 POINTWISE_LAYERS = 3  # 1x1 group convolutions after the big-kernel one
-POINTWISE_KINDS = ("group", "shared")  # full 1x1 group convolutions; one matrix shared by the r rotations
 
 
 @dataclass
@@ -167,7 +168,7 @@ def plain_group_conv(images: torch.Tensor, filters: list, padding: int, shared_o
         # channels-last strides make the convolution write channels-last output
         images, first = images.to(memory_format=torch.channels_last), first.to(memory_format=torch.channels_last)
     if images.device.type == "cpu" and torch.is_grad_enabled() and first.requires_grad:
-        h = _BigKernelConv.apply(images, first, first_bias, padding)
+        h = BigKernelConv.apply(images, first, first_bias, padding)
     else:
         h = F.conv2d(images, first, first_bias, padding=padding)
     b, _, m, _ = h.shape
@@ -206,40 +207,3 @@ def _first_layer_channels_last(device_type: str) -> bool:
     """Layout of the big-kernel convolution. On CPU, channels-last is 4x faster in bfloat16 but up to 2x slower
     in float32 (measured at 50 and 100 px boxes); GPUs' tensor cores favour channels-last (not measured here)."""
     return device_type != "cpu" or torch.is_autocast_enabled("cpu")
-
-
-class _BigKernelConv(torch.autograd.Function):
-    """``F.conv2d`` whose filter gradient is a matrix product over unfolded input patches (CPU only).
-
-    oneDNN's filter gradient for one input channel and a kernel of half the box is 2-4x slower than the
-    convolution itself (bfloat16 and float32); the patches of a few images at a time turn it into one
-    well-shaped matrix product. The images need no gradient (they are data); the filter and bias get exact ones.
-    Under autocast the inputs are cast as ``F.conv2d`` would cast them, and the gradients are returned to them.
-    """
-
-    @staticmethod
-    def forward(ctx, images, weight, bias, padding):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-        with torch.autocast("cpu", enabled=False):
-            images, weight = images.to(dtype), weight.to(dtype)  # strides (the layout) preserved
-            bias = None if bias is None else bias.to(dtype)
-            ctx.save_for_backward(images)
-            ctx.padding, ctx.kernel, ctx.dtypes = padding, weight.shape[-1], (weight.dtype, bias is not None)
-            return F.conv2d(images, weight, bias, padding=padding)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (images,) = ctx.saved_tensors
-        dtype, has_bias = ctx.dtypes
-        grad = grad.to(dtype)
-        k, channels, patch = ctx.kernel, grad.shape[1], images.shape[1] * ctx.kernel ** 2
-        chunk = max(1, _UNFOLDED_VALUES // (patch * grad.shape[2] * grad.shape[3]))  # images per product
-        total = torch.promote_types(dtype, torch.float32)  # accumulate in at least float32
-        weight_grad = torch.zeros(channels, patch, dtype=total, device=grad.device)
-        for start in range(0, len(images), chunk):
-            patches = F.unfold(images[start:start + chunk], k, padding=ctx.padding)  # (c, C_in K^2, M^2)
-            rows = grad[start:start + chunk].permute(0, 2, 3, 1).reshape(-1, channels)  # (c M^2, C)
-            weight_grad += (rows.t() @ patches.transpose(1, 2).reshape(-1, patch)).to(total)
-        bias_grad = grad.to(total).sum((0, 2, 3)).to(dtype) if has_bias else None
-        return None, weight_grad.view(channels, -1, k, k).to(dtype), bias_grad, None
-

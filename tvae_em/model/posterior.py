@@ -19,22 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tvae_em.config import Priors
+from tvae_em.model.kernels import StandardNormalKL
 from tvae_em.model.plain_encoder import EncoderOutput
-
-
-@dataclass
-class Priors:
-    """Prior hyper-parameters. Translation std is in pixels of the input image."""
-
-    rotations: int
-    translation_std_px: float = 5.0
-    rotation_prior: str = "uniform"  # or "normal": discretised N(0, rotation_prior_std^2) over the offsets
-    rotation_prior_std_rad: float = math.pi / 4
-    theta_std_rad: float | None = None  # std of p(theta | r); the paper's pi / R when None
-    shift_std_px: float = 0.5  # sub-pixel offset prior
-
-    def theta_std(self) -> float:
-        return self.theta_std_rad if self.theta_std_rad is not None else math.pi / self.rotations
 
 
 def rotation_offsets(rotations: int, device=None) -> torch.Tensor:
@@ -94,15 +81,17 @@ class KLTerms:
 
 
 def kl_divergence(enc: EncoderOutput, log_q: torch.Tensor, log_p: torch.Tensor, priors: Priors,
-                  image_size: int) -> KLTerms:
-    """Equation 5: KL_{t,r} + sum_{t,r} q(t,r|y) (KL_theta + KL_z [+ KL_dt]), in closed form."""
+                  image_size: int, fast: bool = True) -> KLTerms:
+    """Equation 5: KL_{t,r} + sum_{t,r} q(t,r|y) (KL_theta + KL_z [+ KL_dt]), in closed form; KL_z by
+    ``kernels.StandardNormalKL`` when ``fast``."""
     q = log_q.exp()
     kl_tr = (q * (log_q - log_p)).flatten(1).sum(1)
     offsets = rotation_offsets(priors.rotations, q.device)[None, :, None, None]
     # q(theta|t,r) = N(mu + offset, s^2), p(theta|r) = N(offset, s_p^2): the offsets cancel in the mean term.
     kl_theta_cell = kl_normal(enc.theta_mu.float() + offsets, enc.theta_logstd.float(), offsets,
                               priors.theta_std())
-    kl_z_cell = StandardNormalKL.apply(enc.z_mu.float(), enc.z_logstd.float())
+    z_mu, z_logstd = enc.z_mu.float(), enc.z_logstd.float()
+    kl_z_cell = StandardNormalKL.apply(z_mu, z_logstd) if fast else kl_normal(z_mu, z_logstd, 0.0, 1.0).sum(1)
     kl_shift = torch.zeros_like(kl_tr)
     if enc.shift_mu is not None:
         std = priors.shift_std_px / (image_size / 2)
@@ -144,27 +133,6 @@ def sample(enc: EncoderOutput, log_q: torch.Tensor, grid: torch.Tensor, temperat
         shift_std = weighted_sum(w, std(enc.shift_logstd))[:, None]
         t = t + _draw(weighted_sum(w, rotate_shift(enc.shift_mu.float())), shift_std, generator)
     return PosteriorSample(z=z, theta=theta, t=t)
-
-
-class StandardNormalKL(torch.autograd.Function):
-    """KL(N(mu, exp(logstd)^2) || N(0, I)) of every cell, summed over the channel axis: (B, C, ...) -> (B, ...).
-
-    The same closed form as ``kl_normal(mu, logstd, 0, 1).sum(1)``, 0.5 sum (sigma^2 + mu^2 - 1 - 2 logstd), in
-    a few passes over the per-cell z parameters instead of one (forward and backward) per elementwise operation:
-    with z_dim 32 they are the largest tensors of the whole model, 32 x R x M x M values per image and parameter.
-    """
-
-    @staticmethod
-    def forward(ctx, mu, logstd):
-        var = torch.exp(2 * logstd)
-        ctx.save_for_backward(mu, var)
-        return 0.5 * (torch.addcmul(var, mu, mu).sub_(logstd, alpha=2).sum(1) - mu.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        mu, var = ctx.saved_tensors
-        grad = grad.unsqueeze(1)
-        return grad * mu, (var - 1).mul_(grad)
 
 
 def _mean_offset(w: torch.Tensor) -> torch.Tensor:

@@ -7,110 +7,20 @@ the KL in closed form (eq. 5, ``posterior.kl_divergence``).
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tvae_em.config import LIKELIHOODS, ModelConfig
 from tvae_em.errors import UsageError
 from tvae_em.model import posterior
 from tvae_em.model.generator import SpatialGenerator, pixel_coordinates, transform_coordinates
-from tvae_em.model.plain_encoder import POINTWISE_KINDS, CellEncoder, PlainEncoder
+from tvae_em.model.plain_encoder import CellEncoder, PlainEncoder
 
-LIKELIHOODS = ("bernoulli", "gaussian")
-CTF_MODES = ("none", "full", "flipped")  # no CTF; the CTF; |CTF| (images already multiplied by sign(CTF))
 COARSEST_CYCLES = 1.25  # cycles across the box where the coarse-to-fine band starts (``open_band``)
 BAND_EDGE = 0.02  # cycles per pixel over which frequencies fade in at the band's edge
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a model; saved in every checkpoint."""
-
-    image_size: int
-    rotations: int = 8
-    z_dim: int = 2
-    encoder_fields: int = 128
-    encoder_kernel: int | None = None  # None: 0.65 of the box, odd (see __post_init__)
-    encoder_padding: int | None = None  # None: 8/50 of the box
-    encoder_pointwise: str = "group"  # the 1x1 layers: full group convolutions, or one matrix shared by the rotations
-    generator_width: int = 512
-    generator_depth: int = 2
-    fourier_features: int = 1024
-    fourier_scale: float = 0.12  # std of the random Fourier frequencies, cycles per pixel of the box
-    fourier_random_phase: bool = False  # features cos(2 pi B x + phi), phi fixed at random, not [cos, sin]
-    likelihood: str = "bernoulli"
-    gaussian_std: float | None = None  # fixed pixel noise std; learned when None
-    translation_prior_std: float = 5.0  # pixels
-    rotation_prior: str = "uniform"
-    rotation_prior_std: float = math.pi / 4
-    theta_prior_std: float | None = None  # pi / rotations when None (the paper's choice)
-    subpixel: bool = False
-    shift_prior_std: float = 0.5  # pixels, sub-pixel offsets only
-    temperature: float = 1.0  # Gumbel-softmax
-    ctf: str = "none"  # what multiplies the posed image's spectrum: none, the CTF ('full') or |CTF| ('flipped')
-
-    def __post_init__(self):
-        if self.encoder_kernel is None:
-            # The first layer must see a whole particle (the paper: "larger than the size of the targeted
-            # objects"): 0.65 of the box, the authors' choice for particles (65 at 100 px; their MNIST ratio, 28 of
-            # 50, missed the far features of particles filling 60 % of the box, and poses split between the
-            # orientations of a pseudo-symmetric core). Odd, so that the translation cells sit on whole pixels
-            # and one of them on the box centre N//2.
-            self.encoder_kernel = max(3, round(self.image_size * 0.65) // 2 * 2 + 1)
-        if self.encoder_padding is None:
-            self.encoder_padding = round(self.image_size * 8 / 50)
-        self._validate()
-
-    # smallest value of each whole-number field; positive real fields (None allowed for the optional ones)
-    _COUNTS = {"image_size": 2, "rotations": 1, "z_dim": 1, "encoder_fields": 1, "encoder_kernel": 1,
-               "encoder_padding": 0, "generator_width": 1, "generator_depth": 1, "fourier_features": 0}
-    _POSITIVE = ("fourier_scale", "translation_prior_std", "rotation_prior_std", "shift_prior_std", "temperature")
-    _OPTIONAL_POSITIVE = ("gaussian_std", "theta_prior_std")
-
-    def _validate(self) -> None:
-        """ValueError naming the first field out of range: configurations come from the command line and from
-        checkpoints, and a bad value would otherwise fail deep inside escnn or torch, or train a model that
-        cannot be used (z_dim 0)."""
-        for name, smallest in self._COUNTS.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
-                raise ValueError(f"{name} must be a whole number >= {smallest}, not {value!r}")
-        for name in self._POSITIVE + self._OPTIONAL_POSITIVE:
-            value = getattr(self, name)
-            if value is None and name in self._OPTIONAL_POSITIVE:
-                continue
-            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a positive number, not {value!r}")
-        for name, choices in (("likelihood", LIKELIHOODS), ("rotation_prior", ("uniform", "normal")),
-                              ("ctf", CTF_MODES), ("encoder_pointwise", POINTWISE_KINDS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
-        if self.ctf != "none" and self.likelihood != "gaussian":
-            raise ValueError("a CTF needs the gaussian likelihood (it makes pixel values of either sign)")
-        for name in ("subpixel", "fourier_random_phase"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, not {getattr(self, name)!r}")
-        if self.image_size + 2 * self.encoder_padding < self.encoder_kernel:
-            raise ValueError(f"encoder_kernel {self.encoder_kernel} is larger than the {self.image_size} px images "
-                             f"with encoder_padding {self.encoder_padding} on each side")
-
-    def priors(self) -> posterior.Priors:
-        return posterior.Priors(
-            rotations=self.rotations, translation_std_px=self.translation_prior_std,
-            rotation_prior=self.rotation_prior, rotation_prior_std_rad=self.rotation_prior_std,
-            theta_std_rad=self.theta_prior_std, shift_std_px=self.shift_prior_std)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def coordinate_inputs(self) -> int:
-        """Inputs of the generator's coordinate layer: [cos, sin] of each Fourier feature, one phase-shifted cosine
-        each, or the plain (x, y)."""
-        if self.fourier_features == 0:
-            return 2
-        return self.fourier_features * (1 if self.fourier_random_phase else 2)
 
 
 @dataclass
@@ -170,7 +80,8 @@ class TargetVAE(nn.Module):
         # the generator's frame spans image_size / 2 pixels per unit: per-pixel frequencies -> per-unit ones
         self.generator = SpatialGenerator(config.z_dim, config.generator_width, config.generator_depth,
                                           config.fourier_features, config.fourier_scale * config.image_size / 2,
-                                          out_channels=1, random_phase=config.fourier_random_phase)
+                                          out_channels=1, random_phase=config.fourier_random_phase,
+                                          fast=config.kernels == "fast")
         if config.likelihood == "gaussian" and config.gaussian_std is None:
             self.log_sigma = nn.Parameter(torch.zeros(()))
         n = config.image_size
@@ -194,7 +105,8 @@ class TargetVAE(nn.Module):
         images = images.reshape(images.shape[0], 1, *images.shape[-2:])
         enc = self.encoder(self._encoder_input(images))
         log_q = posterior.log_q_tr(enc, self.log_p_r)
-        kl = posterior.kl_divergence(enc, log_q, self.log_p_tr, self.config.priors(), self.config.image_size)
+        kl = posterior.kl_divergence(enc, log_q, self.log_p_tr, self.config.priors(), self.config.image_size,
+                                     fast=self.config.kernels == "fast")
         draw = posterior.sample(enc, log_q, self.grid, self.config.temperature, generator)
         out = self._generate(transform_coordinates(self.coords, draw.theta, draw.t), draw.z)
         if self.config.ctf != "none":
@@ -313,7 +225,7 @@ def _group_conv_encoder(config: ModelConfig) -> CellEncoder:
     return GroupConvEncoder(config.rotations, config.z_dim, config.encoder_fields, config.encoder_kernel,
                             config.encoder_padding, config.subpixel,
                             theta_logstd_init=math.log(config.priors().theta_std()),
-                            pointwise=config.encoder_pointwise)
+                            pointwise=config.encoder_pointwise, fast=config.kernels == "fast")
 
 
 def _spectrum_times(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
