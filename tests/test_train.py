@@ -25,14 +25,12 @@ from tvae_em import __version__
 from tvae_em import checkpoint as ckpt
 from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
-from tvae_em.interrupt import Stop, stop_on_signals
 from tvae_em.model import TargetVAE
 from tvae_em.model.vae import COARSEST_CYCLES
+from tvae_em.runtime import Stop, interruptible_backward, stop_on_signals
 from tvae_em.train import (
-    LOG_COLUMNS,
     Interrupted,
     TrainingDiverged,
-    _interruptible_backward,
     _Trainer,
     _WaitClock,
     make_split,
@@ -116,7 +114,7 @@ def finished_run(tmp_path_factory):
 def test_log_has_one_row_per_epoch_with_consistent_terms(finished_run):
     run_dir, result, _ = finished_run
     rows = read_log(run_dir)
-    assert tuple(rows[0].keys()) == LOG_COLUMNS
+    assert tuple(rows[0].keys()) == ckpt.LOG_COLUMNS
     assert [int(row["epoch"]) for row in rows] == [1, 2]
     for row in rows:
         values = {key: float(value) for key, value in row.items()}
@@ -468,7 +466,7 @@ def test_a_signal_takes_effect_during_a_long_backward_pass():
     code, so a signal handler could only run once the whole backward pass was over (tens of seconds for the
     default generator on a busy machine); the trainer's saved-tensor hooks give it a place between the steps."""
     def deep_product(weights):
-        with _interruptible_backward():
+        with interruptible_backward():
             h = torch.ones(256, 256)
             for weight in weights:
                 h = torch.tanh(h @ weight / 16)

@@ -1,5 +1,6 @@
-"""Training checkpoints: atomic writing, validated reading, random-state capture, ``load_model``, and the files
-of a run folder.
+"""The record of a training run, written and read here: checkpoints (atomic writing, validated reading, the
+training state a resumed run continues from, random-state capture, ``load_model``), log.csv, and the files of a
+run folder.
 
 A checkpoint is a ``torch.save`` dict holding plain tensors, numbers, strings, lists and dicts only, so it is
 read with ``weights_only=True`` (a checkpoint received from someone else cannot run code on load). Every
@@ -14,17 +15,20 @@ rebuilt with the model), only a fingerprint of each that loading checks: a check
 100 px is 35 MB instead of 330.
 """
 
+import csv
 import io
+import math
 import random
 import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tvae_em import __version__, console
-from tvae_em.config import ModelConfig
-from tvae_em.errors import InputError, TvaeError
+from tvae_em.config import ModelConfig, TrainConfig
+from tvae_em.errors import InputError, TvaeError, UsageError
 from tvae_em.io.atomic import atomic_path, locked_folder
 from tvae_em.io.files import regular_file
 from tvae_em.memory import check_fits, model_bytes
@@ -288,6 +292,119 @@ def add_encoder_export(path) -> Path:
         checkpoint[ENCODER_EXPORT] = encoder_export(_model_from(checkpoint, path, for_inference=False))
         save_checkpoint(checkpoint, path)
     return path
+
+
+# --- the training record ----------------------------------------------------------------------------------
+
+# log.csv's columns: one row per epoch, also kept in every checkpoint's history
+LOG_COLUMNS = ("epoch", "train_elbo", "val_elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift",
+               "lr", "seconds", "data_wait")
+_PLOTTED = {"epoch", "train_elbo", "val_elbo", "lr"}  # log columns the learning curve reads
+# The fields a checkpoint needs beyond REQUIRED_FIELDS to resume training, with their types.
+_RESUME_FIELDS = {"optimizer_state": dict, "scheduler_state": dict, "best_epoch": int, "best_loss": float,
+                  "bad_epochs": int, "stop_reason": (str, type(None)), "history": list, "rng": dict,
+                  "n_particles": int}
+
+
+@dataclass
+class RunProgress:
+    """Where a training run stands after its last complete epoch (what a resumed run continues from)."""
+
+    epoch: int = 0  # complete epochs
+    best_epoch: int = 0
+    best_loss: float = math.inf  # the monitored loss of best_epoch
+    bad_epochs: int = 0  # epochs since the best one
+    stop_reason: str | None = None  # 'early_stop', 'max_epochs', or None while epochs remain
+    history: list = field(default_factory=list)  # log.csv rows (LOG_COLUMNS), one per epoch
+    band_epochs: float = 0.0  # epochs over which the frequency band opens (``TrainConfig.coarse_to_fine``)
+
+    def add_epoch(self, row: dict, monitored: float, early_stop: int, epochs: int) -> bool:
+        """Count the epoch of log row ``row`` with its ``monitored`` loss, and decide whether training stops (after
+        ``early_stop`` epochs without improvement, or at ``epochs``); whether the epoch is the best so far."""
+        improved = monitored < self.best_loss
+        if improved:
+            self.best_loss, self.best_epoch, self.bad_epochs = monitored, row["epoch"], 0
+        else:
+            self.bad_epochs += 1
+        self.epoch = row["epoch"]
+        self.stop_reason = ("early_stop" if self.bad_epochs >= early_stop
+                            else "max_epochs" if self.epoch >= epochs else None)
+        self.history.append(row)
+        return improved
+
+
+def training_checkpoint(model: TargetVAE, train_config: TrainConfig, optimizer, scheduler, progress: RunProgress,
+                        n_particles: int, rows: np.ndarray | None) -> dict:
+    """Everything needed to continue a run after its last complete epoch (``save_checkpoint`` writes it):
+    the model and its exported encoder, the settings, the optimiser's and scheduler's states, ``progress``, the
+    particles (their count and the input ``rows`` of --ind, None for all) and the global random states."""
+    return {"model_config": model.config.to_dict(), "train_config": train_config.to_dict(),
+            "model_state": model_state(model), "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict(), **asdict(progress), "n_particles": n_particles,
+            "particle_rows": None if rows is None else torch.from_numpy(np.asarray(rows, np.int64)),
+            ENCODER_EXPORT: encoder_export(model), "rng": capture_rng_state()}
+
+
+def read_training_checkpoint(path) -> dict:
+    """``read_checkpoint``, also checking the fields that resuming training needs."""
+    checkpoint = read_checkpoint(path)
+    check_field_types(checkpoint, _RESUME_FIELDS, path)
+    if not all(isinstance(row, dict) and _PLOTTED <= row.keys() <= set(LOG_COLUMNS)
+               for row in checkpoint["history"]):
+        raise InputError(path, "malformed checkpoint: history rows are not log.csv rows")
+    return checkpoint
+
+
+def run_progress(checkpoint: dict) -> RunProgress:
+    """The progress a training checkpoint (``read_training_checkpoint``) records."""
+    return RunProgress(epoch=checkpoint["epoch"], best_epoch=checkpoint["best_epoch"],
+                       best_loss=checkpoint["best_loss"], bad_epochs=checkpoint["bad_epochs"],
+                       stop_reason=checkpoint["stop_reason"], history=checkpoint["history"],
+                       band_epochs=float(checkpoint.get("band_epochs", 0.0)))  # before coarse-to-fine: none
+
+
+def restore_training(checkpoint: dict, path, model: TargetVAE, optimizer, scheduler) -> RunProgress:
+    """Load a training checkpoint's model, optimiser, scheduler and random states; InputError naming ``path`` if
+    they do not fit (torch, numpy and Python raise all sorts of errors for malformed states)."""
+    load_model_state(model, checkpoint["model_state"], path)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer_state"])
+        scheduler.load_state_dict(checkpoint["scheduler_state"])
+        restore_rng_state(checkpoint["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise InputError(path, f"malformed training state in checkpoint ({first_line(exc)})") from None
+    return run_progress(checkpoint)
+
+
+def run_rows(checkpoint: dict, path, n_rows: int | None = None) -> np.ndarray | None:
+    """The rows of its input the run was trained on (``--ind``), None for all; UsageError when they go beyond an
+    input of ``n_rows`` particles."""
+    rows = checkpoint.get("particle_rows")  # runs from before --ind: all rows
+    if rows is None:
+        return None
+    if not isinstance(rows, torch.Tensor) or rows.ndim != 1 or rows.dtype != torch.int64:
+        raise InputError(path, "malformed checkpoint: particle_rows is not a list of row indices")
+    if n_rows is not None and rows.numel() and int(rows.max()) >= n_rows:
+        raise UsageError(f"{path.parent} was trained on rows up to {int(rows.max())} (0-based, --ind) of its "
+                         f"input, but this input has {n_rows} particles")
+    return rows.numpy()
+
+
+def train_config_from(checkpoint: dict, path) -> TrainConfig:
+    """The run's training settings, except those of ``TrainConfig.PER_INVOCATION`` (TrainConfig's defaults)."""
+    stored = {f.name for f in fields(TrainConfig)} - set(TrainConfig.PER_INVOCATION)
+    try:
+        return TrainConfig(**{key: value for key, value in checkpoint["train_config"].items() if key in stored})
+    except (TypeError, UsageError) as err:
+        raise InputError(path, f"malformed checkpoint: training settings ({err})") from None
+
+
+def write_log(history: list[dict], path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
 
 
 # --- random states ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from tvae_em.config import (
     split_options,
 )
 from tvae_em.errors import EXIT_INTERRUPTED, TvaeError, UsageError
-from tvae_em.interrupt import Stop, stop_on_signals
+from tvae_em.runtime import Stop, stop_on_signals
 
 _SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

@@ -45,6 +45,6 @@ class UsageError(TvaeError):
 
 
 class Interrupted(TvaeError):
-    """SIGINT/SIGTERM stopped a command (``tvae_em.interrupt``); what was finished is kept, nothing partial."""
+    """SIGINT/SIGTERM stopped a command (``tvae_em.runtime``); what was finished is kept, nothing partial."""
 
     exit_code = EXIT_INTERRUPTED

@@ -1,24 +1,22 @@
 """Training (paper section 4, implementation details) with exact resume, divergence and signal safety.
 
-Recipe (``TrainConfig``'s defaults, measured in benchmarks/RESULTS.md "Training that learns"): Adam with
-learning rate 2e-3, batches of 32, 20 epochs, and a frequency band opened from coarse to fine over the first
-half of them (``coarse_to_fine``, ``TargetVAE.open_band``) so that poses settle on each particle's overall shape
-first. ``TrainConfig.preset("paper")`` is the paper's (section 4): 2e-4, batches of 100, at most 500 epochs, all
-frequencies from the start. Both halve the learning rate after 10 epochs without improvement and stop early after
-20. A random 10 % of the particles is held out (as in the EMPIAR-10025 experiment) and its -ELBO is the
-monitored loss; with ``val_fraction=0`` the training -ELBO is monitored instead.
+The loop: Adam on the -ELBO (eq. 6) with ``TrainConfig``'s recipe (``tvae_em.config``), the frequency band of the
+model opened from coarse to fine over its first epochs (``TargetVAE.open_band``), the learning rate halved on a
+plateau and early stopping. A random fraction of the particles is held out (as in the EMPIAR-10025 experiment)
+and its -ELBO is the monitored loss; with ``val_fraction=0`` the training -ELBO is monitored instead.
 
 Reproducibility. The split, the data order of epoch e and the sampling noise of epoch e come from generators
 seeded by (seed, stream, e[, rank]), never from global random state, so a run resumed from the checkpoint of
 epoch e - 1 replays epoch e exactly as an uninterrupted run does (bit-identical on CPU). The global torch,
 CUDA, numpy and Python states are saved and restored as well, for any library code that draws from them.
 
-Interruption. SIGINT/SIGTERM stop training within seconds (``tvae_em.interrupt``): the epoch in progress is
+Interruption. SIGINT/SIGTERM stop training within seconds (``tvae_em.runtime``): the epoch in progress is
 dropped (nothing of it is saved), completed epochs stay in ``checkpoint_last.pt``, and ``Interrupted`` is
 raised. Saving an epoch is never cut in half: a signal that arrives meanwhile takes effect once it is saved.
 On CPU the autograd engine runs a batch's backward pass on the main thread without running Python code, for
 tens of seconds with the default generator on a busy machine, so the forward pass of a single CPU process
-leaves a Python call before each backward step (``_interruptible_backward``) where the signal can take effect.
+leaves a Python call before each backward step (``runtime.interruptible_backward``) where the signal can take
+effect.
 A NaN/inf loss or gradient raises ``TrainingDiverged`` before the optimiser step, so no non-finite parameter is
 ever written.
 
@@ -31,7 +29,8 @@ CPU), the model is wrapped in DistributedDataParallel and every batch of the glo
 the ranks, so the effective batch stays ``batch_size``. Only rank 0 writes files. A rank that receives a signal
 stops at once; torchrun forwards signals to every rank and ends the others when one exits.
 
-Files in ``run_dir``, each written atomically (rank 0 only):
+Files in ``run_dir``, each written atomically (rank 0 only; their names and the checkpoint's layout are
+``tvae_em.checkpoint``'s):
     split.npz           0-based particle indices of the training and validation sets, and the rows of the input
                         they index (``input_rows``: all, or those chosen by ``--ind``), written once
     checkpoint_last.pt  everything needed to continue after the last complete epoch
@@ -46,13 +45,11 @@ Files in ``run_dir``, each written atomically (rank 0 only):
 """
 
 import contextlib
-import csv
 import json
 import math
 import os
-import signal
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,20 +72,20 @@ from tvae_em.device import (
     torch_threads,
 )
 from tvae_em.errors import InputError, Interrupted, TvaeError, UsageError
-from tvae_em.interrupt import STOP_SIGNALS, Stop, deferred_signals, stop_on_signals
 from tvae_em.io.atomic import atomic_path, locked_folder, refuse_overwriting
 from tvae_em.memory import FLOAT_BYTES, check_fits, model_bytes
 from tvae_em.plots import save_figure
+from tvae_em.runtime import (
+    CarriedError,
+    ProcessGroup,
+    Stop,
+    deferred_signals,
+    ignore_stop_signals,
+    interruptible_backward,
+    stop_on_signals,
+)
 
 METRICS = ("elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift")
-LOG_COLUMNS = ("epoch", "train_elbo", "val_elbo", "reconstruction", "kl_tr", "kl_theta", "kl_z", "kl_shift",
-               "lr", "seconds", "data_wait")
-_PLOTTED = {"epoch", "train_elbo", "val_elbo", "lr"}  # log columns the learning curve reads
-
-# The fields a checkpoint needs beyond ckpt.REQUIRED_FIELDS to resume training, with their types.
-_RESUME_FIELDS = {"optimizer_state": dict, "scheduler_state": dict, "best_epoch": int, "best_loss": float,
-                  "bad_epochs": int, "stop_reason": (str, type(None)), "history": list, "rng": dict,
-                  "n_particles": int}
 
 # Preprocessed images have pixel mean ~0 and std ~1 (background normalised); beyond this limit they were not.
 _NORMALISED_LIMIT = 10.0
@@ -141,7 +138,7 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
     device = resolve_device(train_config.device, int(os.environ.get("LOCAL_RANK", "0")))
     threads = plan_threads(train_config.threads, train_config.num_workers)
     train_config = replace(train_config, num_workers=threads.workers)
-    group = _ProcessGroup.start(device)
+    group = ProcessGroup.start(device)
     try:
         with stop_on_signals(), torch_threads(threads.threads), \
                 console.silenced(not train_config.progress or group.rank != 0):
@@ -152,8 +149,7 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
                     done = _nothing_to_do(checkpoint, train_config)
                     if done:
                         console.note(f"{run_dir}: {done}")
-                        return _result(run_dir, checkpoint["epoch"], checkpoint["best_epoch"],
-                                       checkpoint["stop_reason"], checkpoint["history"])
+                        return _result(run_dir, ckpt.run_progress(checkpoint))
                 trainer = _Trainer(model_config, train_config, particles, run_dir, resume, checkpoint, device,
                                    group, inputs)
             except Stop as stop:
@@ -219,9 +215,9 @@ def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=
         raise UsageError(f"{run_dir} holds no completed epoch, so no settings to resume with: start it again "
                          f"with -o {run_dir} and its options")
     checkpoint = ckpt.read_checkpoint(path)
-    model_config, train_config = ckpt.model_config_from(checkpoint, path), _stored_train_config(checkpoint, path)
+    model_config, train_config = ckpt.model_config_from(checkpoint, path), ckpt.train_config_from(checkpoint, path)
     conflicts = _resume_conflicts(train_config, model_config, requested, particles)
-    run_rows = _run_rows(checkpoint, path, len(particles))
+    run_rows = ckpt.run_rows(checkpoint, path, len(particles))
     if indices_file is not None and not _same_rows(read_row_indices(indices_file, len(particles), star_path),
                                                    run_rows):
         conflicts.append(f"--ind {indices_file} (the run's particles: {_rows_text(run_rows, len(particles))})")
@@ -247,20 +243,6 @@ def _inputs(star_path, particles, indices_file) -> list:
     return [star_path, *particles.stack_paths, *([indices_file] if indices_file is not None else [])]
 
 
-def _run_rows(checkpoint: dict, path, n_rows: int | None = None) -> np.ndarray | None:
-    """The rows of its input the run was trained on (``--ind``), None for all; UsageError when they go beyond an
-    input of ``n_rows`` particles."""
-    rows = checkpoint.get("particle_rows")  # runs from before --ind: all rows
-    if rows is None:
-        return None
-    if not isinstance(rows, torch.Tensor) or rows.ndim != 1 or rows.dtype != torch.int64:
-        raise InputError(path, "malformed checkpoint: particle_rows is not a list of row indices")
-    if n_rows is not None and rows.numel() and int(rows.max()) >= n_rows:
-        raise UsageError(f"{path.parent} was trained on rows up to {int(rows.max())} (0-based, --ind) of its "
-                         f"input, but this input has {n_rows} particles")
-    return rows.numpy()
-
-
 def _same_rows(rows: np.ndarray | None, run_rows: np.ndarray | None) -> bool:
     return (rows is None and run_rows is None) or (rows is not None and run_rows is not None
                                                    and np.array_equal(rows, run_rows))
@@ -268,15 +250,6 @@ def _same_rows(rows: np.ndarray | None, run_rows: np.ndarray | None) -> bool:
 
 def _rows_text(rows: np.ndarray | None, n_rows: int) -> str:
     return f"all {n_rows} of the input" if rows is None else f"{len(rows)} rows chosen by --ind"
-
-
-def _stored_train_config(checkpoint: dict, path) -> TrainConfig:
-    """The run's training settings, except those of ``TrainConfig.PER_INVOCATION`` (TrainConfig's defaults)."""
-    stored = {f.name for f in fields(TrainConfig)} - set(TrainConfig.PER_INVOCATION)
-    try:
-        return TrainConfig(**{key: value for key, value in checkpoint["train_config"].items() if key in stored})
-    except (TypeError, UsageError) as err:
-        raise InputError(path, f"malformed checkpoint: training settings ({err})") from None
 
 
 def _resume_conflicts(train_config: TrainConfig, model_config: ModelConfig, requested: dict, particles) -> list[str]:
@@ -310,13 +283,6 @@ def make_split(n_particles: int, val_fraction: float, seed: int) -> tuple[np.nda
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def write_log(history: list[dict], path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
-
-
 def plot_learning_curve(history: list[dict], best_epoch: int, path) -> None:
     """ELBO per particle (training and validation) above the learning rate, both against the epoch."""
     fig = Figure(figsize=(7, 5))
@@ -340,7 +306,7 @@ class _Trainer:
     """State of one run (model, optimiser, scheduler, counters, history) and the epoch loop over it."""
 
     def __init__(self, model_config, config: TrainConfig, particles, run_dir: Path, resume: bool,
-                 checkpoint: dict | None, device: torch.device, group: "_ProcessGroup", inputs: dict | None):
+                 checkpoint: dict | None, device: torch.device, group: ProcessGroup, inputs: dict | None):
         self.config, self.particles, self.run_dir, self.inputs = config, particles, run_dir, inputs
         self.rows = getattr(particles, "rows", None)  # the input rows of a Particles.subset (--ind), None for all
         self.device, self.group = device, group
@@ -364,45 +330,14 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=config.lr_factor, patience=config.patience_lr - 1, threshold=0.0)
         # the band opens over the epochs planned when the run started, whatever a resumed run's new total
-        self.band_epochs = config.coarse_to_fine * config.epochs
-        self.epoch, self.best_epoch, self.bad_epochs = 0, 0, 0
-        self.best_loss, self.stop_reason, self.history = math.inf, None, []
+        self.progress = ckpt.RunProgress(band_epochs=config.coarse_to_fine * config.epochs)
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self.progress = ckpt.restore_training(checkpoint, run_dir / ckpt.LAST, self.model, self.optimizer,
+                                                  self.scheduler)
         self.elbo = self.model.elbo
         if group.world > 1:  # DDP only syncs gradients for calls through its forward()
             self.elbo = DistributedDataParallel(_ElboForward(self.model), broadcast_buffers=False,
                                                 device_ids=[device] if device.type == "cuda" else None)
-
-    # --- resume -------------------------------------------------------------------------------------------
-    def _restore(self, checkpoint: dict) -> None:
-        """Continue where the checkpoint ends; InputError naming it if its states do not fit the run (the
-        optimiser's, the scheduler's and the random states are restored by torch, numpy and Python, which
-        raise all sorts of errors for malformed ones)."""
-        path = self.run_dir / ckpt.LAST
-        ckpt.load_model_state(self.model, checkpoint["model_state"], path)
-        try:
-            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-            self.scheduler.load_state_dict(checkpoint["scheduler_state"])
-            ckpt.restore_rng_state(checkpoint["rng"])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-            raise InputError(path, f"malformed training state in checkpoint ({ckpt.first_line(exc)})") from None
-        self.band_epochs = float(checkpoint.get("band_epochs", 0.0))  # runs from before coarse-to-fine: none
-        self.epoch, self.best_epoch = checkpoint["epoch"], checkpoint["best_epoch"]
-        self.bad_epochs, self.best_loss = checkpoint["bad_epochs"], checkpoint["best_loss"]
-        self.stop_reason, self.history = checkpoint["stop_reason"], checkpoint["history"]
-
-    def _state(self) -> dict:
-        return {
-            "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
-            "model_state": ckpt.model_state(self.model), "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(), "epoch": self.epoch,
-            "best_epoch": self.best_epoch, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs,
-            "stop_reason": self.stop_reason, "history": self.history, "n_particles": len(self.particles),
-            "particle_rows": None if self.rows is None else torch.from_numpy(np.asarray(self.rows, np.int64)),
-            "band_epochs": self.band_epochs, ckpt.ENCODER_EXPORT: ckpt.encoder_export(self.model),
-            "rng": ckpt.capture_rng_state(),
-        }
 
     # --- epochs -------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -423,13 +358,13 @@ class _Trainer:
                 self._write_config()
                 self._write_split()  # identical when resuming (same seed, fraction and particle count)
             self._tell_configuration()
-            for epoch in range(self.epoch + 1, self.config.epochs + 1):  # train() returned if none is left
+            for epoch in range(self.progress.epoch + 1, self.config.epochs + 1):  # train() returned if none is left
                 self._run_epoch(epoch)
-                if self.stop_reason == "early_stop":
+                if self.progress.stop_reason == "early_stop":
                     break
         except Stop as stop:
-            raise Interrupted(f"{stop.name} received in epoch {self.epoch + 1}: stopped, the epoch was dropped; "
-                              f"{self._kept()}; resume to continue") from None
+            raise Interrupted(f"{stop.name} received in epoch {self.progress.epoch + 1}: stopped, the epoch was "
+                              f"dropped; {self._kept()}; resume to continue") from None
 
     def _run_log(self):
         """run.log (rank 0): this invocation's header, the lines told before the folder was locked, then every
@@ -482,20 +417,12 @@ class _Trainer:
         with deferred_signals():
             monitored = -(val_metrics or train_metrics)["elbo"]
             self.scheduler.step(monitored)
-            improved = monitored < self.best_loss
-            if improved:
-                self.best_loss, self.best_epoch, self.bad_epochs = monitored, epoch, 0
-            else:
-                self.bad_epochs += 1
-            self.epoch = epoch
-            self.stop_reason = ("early_stop" if self.bad_epochs >= self.config.early_stop
-                                else "max_epochs" if epoch >= self.config.epochs else None)
             row = {"epoch": epoch, "train_elbo": train_metrics["elbo"],
                    "val_elbo": val_metrics["elbo"] if val_metrics else math.nan,
                    **{name: train_metrics[name] for name in METRICS[1:]},
                    "lr": lr, "seconds": round(time.perf_counter() - start, 3),
                    "data_wait": round(waited / max(train_seconds, 1e-9), 4)}
-            self.history.append(row)
+            improved = self.progress.add_epoch(row, monitored, self.config.early_stop, self.config.epochs)
             if self.writes:
                 self._save(improved)
             val_text = f", validation ELBO {row['val_elbo']:.2f}" if val_metrics else ""
@@ -574,11 +501,11 @@ class _Trainer:
         workers = self.config.num_workers
         return DataLoader(_BatchReader(self.particles, batches, self.ctf), batch_size=None, num_workers=workers,
                           pin_memory=self.device.type == "cuda",
-                          worker_init_fn=_ignore_stop_signals if workers else None)
+                          worker_init_fn=ignore_stop_signals if workers else None)
 
     def _inputs(self, indices: torch.Tensor, images, ctf: torch.Tensor | None) -> tuple:
         """The batch's images on the device and, for a model with a CTF, what multiplies their spectra."""
-        if isinstance(images, _CarriedError):
+        if isinstance(images, CarriedError):
             raise images.rebuild()
         _check_images(images, indices, self.model.config)
         transfer = None if ctf is None else ctf_transfer(ctf.to(self.device), images.shape[-1],
@@ -590,14 +517,14 @@ class _Trainer:
 
     def _open_band(self, epochs_done: float) -> None:
         """Coarse to fine: the generator's band opens linearly over ``band_epochs`` (``TargetVAE.open_band``)."""
-        self.model.open_band(epochs_done / self.band_epochs if self.band_epochs else 1.0)
+        self.model.open_band(epochs_done / self.progress.band_epochs if self.progress.band_epochs else 1.0)
 
     def _interruptible_backward(self):
         """``_interruptible_backward`` where it helps and is safe: a single process on the CPU. On GPUs the
         backward pass runs on device threads, where signal handlers never run, and keeping Python objects in
         the autograd graphs of DistributedDataParallel ranks made Gloo runs abort at exit now and then."""
         if self.device.type == "cpu" and self.group.world == 1:
-            return _interruptible_backward()
+            return interruptible_backward()
         return contextlib.nullcontext()
 
     def _consensus(self, *flags) -> list[bool]:
@@ -609,12 +536,13 @@ class _Trainer:
     # --- output -------------------------------------------------------------------------------------------
     def _save(self, improved: bool) -> None:
         """Best before last: if killed in between, the resumed run redoes this epoch and rewrites both."""
-        state = self._state()
+        state = ckpt.training_checkpoint(self.model, self.config, self.optimizer, self.scheduler, self.progress,
+                                         len(self.particles), self.rows)
         if improved:
             ckpt.save_checkpoint(state, self.run_dir / ckpt.BEST)
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST)
-        write_log(self.history, self.run_dir / ckpt.LOG)
-        plot_learning_curve(self.history, self.best_epoch, self.run_dir / ckpt.CURVE)
+        ckpt.write_log(self.progress.history, self.run_dir / ckpt.LOG)
+        plot_learning_curve(self.progress.history, self.progress.best_epoch, self.run_dir / ckpt.CURVE)
 
     def _write_split(self) -> None:
         with atomic_path(self.run_dir / ckpt.SPLIT) as tmp:
@@ -623,34 +551,30 @@ class _Trainer:
                      seed=self.config.seed, val_fraction=self.config.val_fraction)
 
     def _kept(self) -> str:
-        if self.epoch == 0:
+        if self.progress.epoch == 0:
             return "no epoch had completed"
-        return f"{self.run_dir / ckpt.LAST} holds epoch {self.epoch}"
+        return f"{self.run_dir / ckpt.LAST} holds epoch {self.progress.epoch}"
 
     def _result(self) -> TrainResult:
-        return _result(self.run_dir, self.epoch, self.best_epoch, self.stop_reason, self.history)
+        return _result(self.run_dir, self.progress)
 
 
 # --- resume ------------------------------------------------------------------------------------------------
 
 def _checkpoint_to_resume(run_dir: Path) -> dict | None:
     path = run_dir / ckpt.LAST
-    return ckpt.read_checkpoint(path) if path.exists() else None
+    return ckpt.read_training_checkpoint(path) if path.exists() else None
 
 
 def _check_resumable(checkpoint: dict, run_dir: Path, model_config, config: TrainConfig, particles) -> ModelConfig:
     """The stored model configuration, after checking the checkpoint's training state, and the request and the
     data against the run."""
     path = run_dir / ckpt.LAST
-    ckpt.check_field_types(checkpoint, _RESUME_FIELDS, path)
-    if not all(isinstance(row, dict) and _PLOTTED <= row.keys() <= set(LOG_COLUMNS)
-               for row in checkpoint["history"]):
-        raise InputError(path, "malformed checkpoint: history rows are not log.csv rows")
     stored_model = ckpt.model_config_from(checkpoint, path)
     if model_config is not None:
         _refuse_changes("model", stored_model.to_dict(), model_config.to_dict(), ())
     _refuse_changes("training", checkpoint["train_config"], config.to_dict(), TrainConfig.RESUMABLE_CHANGES)
-    if not _same_rows(getattr(particles, "rows", None), _run_rows(checkpoint, path)):
+    if not _same_rows(getattr(particles, "rows", None), ckpt.run_rows(checkpoint, path)):
         raise UsageError(f"{run_dir} was trained on other rows of its input than these particles (--ind)")
     if checkpoint["n_particles"] != len(particles):
         raise UsageError(f"{run_dir} was trained on {checkpoint['n_particles']} particles, the input has "
@@ -669,11 +593,12 @@ def _nothing_to_do(checkpoint: dict, config: TrainConfig) -> str | None:
     return None
 
 
-def _result(run_dir: Path, epoch: int, best_epoch: int, stop_reason: str | None, history: list) -> TrainResult:
-    rows = {row["epoch"]: row for row in history}
+def _result(run_dir: Path, progress: ckpt.RunProgress) -> TrainResult:
+    rows = {row["epoch"]: row for row in progress.history}
     return TrainResult(run_dir=run_dir, best_checkpoint=run_dir / ckpt.BEST, last_checkpoint=run_dir / ckpt.LAST,
-                       epochs=epoch, best_epoch=best_epoch, stop_reason=stop_reason or "max_epochs",
-                       metrics=rows.get(epoch, {}), best_metrics=rows.get(best_epoch, {}))
+                       epochs=progress.epoch, best_epoch=progress.best_epoch,
+                       stop_reason=progress.stop_reason or "max_epochs", metrics=rows.get(progress.epoch, {}),
+                       best_metrics=rows.get(progress.best_epoch, {}))
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -712,7 +637,7 @@ class _Totals:
     def running_elbo(self) -> float:
         return self.sums[0] / max(self.count, 1)
 
-    def reduce(self, group: "_ProcessGroup", device: torch.device) -> dict:
+    def reduce(self, group: ProcessGroup, device: torch.device) -> dict:
         """Means over all ranks' particles."""
         packed = torch.tensor([*self.sums, self.count], dtype=torch.float64, device=device)
         packed = group.all_reduce(packed, dist.ReduceOp.SUM).tolist()
@@ -735,26 +660,8 @@ class _BatchReader(Dataset):
         try:
             images = np.require(self.particles.read(indices), np.float32, ["C", "W"])  # torch wants writable
         except TvaeError as error:
-            return torch.from_numpy(indices), _CarriedError(error), ctf
+            return torch.from_numpy(indices), CarriedError(error), ctf
         return torch.from_numpy(indices), torch.from_numpy(images), ctf
-
-
-class _CarriedError:
-    """A TvaeError raised while reading in a DataLoader worker, carried to the main process as data.
-
-    DataLoader re-raises worker exceptions as ``type(message)``, which errors with other constructor
-    arguments (InputError(path, problem)) do not survive: the user would get a RuntimeError and a traceback
-    instead of the one-line message. The error is rebuilt without calling its constructor.
-    """
-
-    def __init__(self, error: TvaeError):
-        self.cls, self.message, self.attributes = type(error), str(error), vars(error)
-
-    def rebuild(self) -> TvaeError:
-        error = self.cls.__new__(self.cls)
-        Exception.__init__(error, self.message)
-        error.__dict__.update(self.attributes)
-        return error
 
 
 class _ElboForward(nn.Module):
@@ -766,50 +673,6 @@ class _ElboForward(nn.Module):
 
     def forward(self, images, generator, transfer):
         return self.model.elbo(images, generator, transfer)
-
-
-@dataclass
-class _ProcessGroup:
-    """This process's place in a torchrun job; a single process is rank 0 of 1 and never communicates."""
-
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-    @classmethod
-    def start(cls, device: torch.device) -> "_ProcessGroup":
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
-        owns = not dist.is_initialized()
-        if owns:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), owns)
-
-    def all_reduce(self, values: torch.Tensor, op) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(values, op=op)
-        return values
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which shuts them down cleanly."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _interruptible_backward():
-    """Saved-tensor hooks that pass every tensor through unchanged and are only there to be Python code: the
-    CPU autograd engine calls them on the main thread before each backward step that reads saved tensors, which
-    lets a pending SIGINT/SIGTERM handler run there instead of after the whole backward pass."""
-    return torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged)
-
-
-def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 def _check_images(images: torch.Tensor, indices: torch.Tensor, config: ModelConfig) -> None:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from tvae_em.errors import OutputError, UsageError
-from tvae_em.interrupt import deferred_signals
+from tvae_em.runtime import deferred_signals
 
 # Write failures that are about the destination, not about what is being written: reported in one line.
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -48,7 +48,7 @@ def atomic_paths(*paths):
     """Yield a list of temporary paths, one beside each of ``paths``; when the block succeeds, rename every
     one into place, otherwise delete them all.
 
-    Everything but the block itself runs with SIGINT/SIGTERM deferred (``interrupt.deferred_signals``): an
+    Everything but the block itself runs with SIGINT/SIGTERM deferred (``runtime.deferred_signals``): an
     interruption leaves all of the outputs or none, and no temporary. A full disk, an exhausted quota or
     file-size limit while writing, and any failure to create or rename a file, raise OutputError naming the
     final path (a writer that writes through ``atomic_path`` onto one of the temporaries has its error renamed;

@@ -1,4 +1,6 @@
-"""SIGINT and SIGTERM stop any command within seconds and leave no partial output.
+"""Process concerns: signals, the distributed process group and the data-reading worker processes.
+
+Signals. SIGINT and SIGTERM stop any command within seconds and leave no partial output.
 
 A cluster scheduler sends SIGTERM and kills the job 30-60 s later; Ctrl-C sends SIGINT. Inside
 ``stop_on_signals()`` both raise ``Stop`` at the next Python bytecode of the main thread, wherever it is, so
@@ -12,8 +14,16 @@ Stop is already on its way out are ignored, so that clean-up code runs to its en
 """
 
 import contextlib
+import os
 import signal
 import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tvae_em.errors import TvaeError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line handles signals before it needs torch
+    import torch
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -88,3 +98,75 @@ def deferred_signals():
     if not _state.deferring and _state.pending and not _state.stopping:
         name, _state.pending, _state.stopping = _state.pending, None, True
         raise Stop(name)
+
+
+# --- the distributed group and the workers ----------------------------------------------------------------
+
+class CarriedError:
+    """A TvaeError raised while reading in a DataLoader worker, carried to the main process as data.
+
+    DataLoader re-raises worker exceptions as ``type(message)``, which errors with other constructor
+    arguments (InputError(path, problem)) do not survive: the user would get a RuntimeError and a traceback
+    instead of the one-line message. The error is rebuilt without calling its constructor.
+    """
+
+    def __init__(self, error: TvaeError):
+        self.cls, self.message, self.attributes = type(error), str(error), vars(error)
+
+    def rebuild(self) -> TvaeError:
+        error = self.cls.__new__(self.cls)
+        Exception.__init__(error, self.message)
+        error.__dict__.update(self.attributes)
+        return error
+
+
+@dataclass
+class ProcessGroup:
+    """This process's place in a torchrun job; a single process is rank 0 of 1 and never communicates."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @classmethod
+    def start(cls, device: "torch.device") -> "ProcessGroup":
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def all_reduce(self, values: "torch.Tensor", op) -> "torch.Tensor":
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(values, op=op)
+        return values
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which shuts them down cleanly."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def interruptible_backward():
+    """Saved-tensor hooks that pass every tensor through unchanged and are only there to be Python code: the
+    CPU autograd engine calls them on the main thread before each backward step that reads saved tensors, which
+    lets a pending SIGINT/SIGTERM handler run there instead of after the whole backward pass."""
+    import torch
+
+    return torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged)
+
+
+def _unchanged(tensor: "torch.Tensor") -> "torch.Tensor":
+    return tensor
