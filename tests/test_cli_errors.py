@@ -811,6 +811,7 @@ def test_full_disk_while_saving_a_checkpoint(project):
     assert not [name for name in left if name.startswith("run2/") and ".pt" in name]  # not even a temporary
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_none_of_a_commands_outputs(project):
     """Issue 16, case 8: embed's STAR and npz fit under the limit, its figure does not; render's stack and STAR
     fit, its montage does not. Either command leaves none of its outputs, and says which file did not fit."""

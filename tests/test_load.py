@@ -10,6 +10,8 @@ makes encoding cheap.
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import load_embed  # noqa: E402
@@ -17,6 +19,7 @@ import load_embed  # noqa: E402
 ROWS, BOX = 20_000, 64
 
 
+@pytest.mark.slow
 def test_embed_of_20000_rows_streams_and_keeps_every_row_in_order(tmp_path):
     result = load_embed.run_benchmark(tmp_path, n_rows=ROWS, n_stacks=2, box=BOX, batch_size=1024,
                                       model_overrides=dict(rotations=1, encoder_kernel=BOX - 3))

@@ -425,6 +425,7 @@ def start_script(run_dir: Path, delay_s: float) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_python_process_exits_130_keeping_completed_epochs(tmp_path):
     process = start_script(tmp_path, delay_s=0.05)
     wait_for_first_epoch(process, tmp_path)
@@ -439,6 +440,7 @@ def test_sigterm_to_a_python_process_exits_130_keeping_completed_epochs(tmp_path
     assert not leftover_temporaries(tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_middle_of_a_long_batch_stops_within_seconds(tmp_path):
     """Issue 16, case 3: the signal used to be acted upon only after the batch in progress, which takes a
     minute here (a read that long; the default generator's backward pass on a busy machine is as slow)."""
@@ -522,6 +524,7 @@ def started(run_dir: Path, epochs: int = 50, delay_s: float = 0.05, env=None):
     return process
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     process = started(killed)
@@ -543,6 +546,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert len(read_log(killed)) == 3 and not leftover_temporaries(killed)
 
 
+@pytest.mark.slow
 def test_torchrun_style_two_cpu_ranks_train_together_and_only_rank_0_writes(tmp_path):
     """Two Gloo ranks configured through torchrun's environment variables (spawned instead of launched)."""
     with socket.socket() as sock:

@@ -71,6 +71,14 @@ _IND = click.option("--ind", "--indices", "indices_file", type=click.Path(dir_ok
                          "them.")
 
 
+
+def _inference_options(command):
+    """The options every command that runs the encoder over particles takes (embed, pose)."""
+    for option in reversed([_IND, _SHARD, click.option("--batch-size", default=256, show_default=True), _DEVICE,
+                            _AMP, _THREADS, _DATADIR]):
+        command = option(command)
+    return command
+
 def _choose_level(ctx, param, value) -> None:
     """-q / -v, before or after the command's name: sets the verbosity (both together are refused)."""
     if not value:
@@ -313,13 +321,7 @@ def _given(ctx, name: str) -> bool:
               help="Clustering: agglomerative Ward (the paper's) or k-means.")
 @click.option("--class-number", type=click.Choice(["keep", "replace"]), default="keep", show_default=True,
               help=_CLASS_NUMBER_HELP)
-@_IND
-@_SHARD
-@click.option("--batch-size", default=256, show_default=True)
-@_DEVICE
-@_AMP
-@_THREADS
-@_DATADIR
+@_inference_options
 def embed(run_dir, star, out_star, clusters, method, class_number, indices_file, shard, batch_size, device, amp,
           threads, datadir):
     """Write each particle's rotation/translation-invariant latent z into its STAR row.
@@ -349,13 +351,7 @@ def embed(run_dir, star, out_star, clusters, method, class_number, indices_file,
               help="For a STAR from a 3-D refinement (rlnAngleRot/Tilt present): write the in-plane pose to "
                    "rlnAnglePsi and rlnOriginX/YAngst instead of keeping the refinement's and writing "
                    "_tvaeAnglePsi, _tvaeOriginX/YAngst.")
-@_IND
-@_SHARD
-@click.option("--batch-size", default=256, show_default=True)
-@_DEVICE
-@_AMP
-@_THREADS
-@_DATADIR
+@_inference_options
 def pose(run_dir, star, out_star, replace_angles, indices_file, shard, batch_size, device, amp, threads, datadir):
     """Infer each particle's in-plane rotation and shift, in RELION's convention.
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tvae_em.config import Priors
+from tvae_em.model.generator import rotation_matrix
 from tvae_em.model.kernels import StandardNormalKL
 from tvae_em.model.plain_encoder import EncoderOutput
 
@@ -207,10 +208,8 @@ def rotate_shift(shift_mu: torch.Tensor) -> torch.Tensor:
     dt = R(-2 pi r'/R) (a, b): when the input rotates so that the attention moves one bin up, the object's centre
     moves by R(-2 pi/R), and so does the offset, without the encoder's outputs (a, b) changing.
     """
-    angle = -rotation_offsets(shift_mu.shape[2], shift_mu.device)[:, None, None]
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    a, b = shift_mu[:, 0], shift_mu[:, 1]
-    return torch.stack([cos * a - sin * b, sin * a + cos * b], dim=1)
+    rotations = rotation_matrix(-rotation_offsets(shift_mu.shape[2], shift_mu.device))  # (R, 2, 2)
+    return torch.einsum("rij,bjrmn->birmn", rotations.to(shift_mu.dtype), shift_mu)
 
 
 def std(logstd: torch.Tensor) -> torch.Tensor:
