@@ -11,12 +11,13 @@ import torch
 from tvae_em import ctf, simulate
 from tvae_em.checkpoint import load_model
 from tvae_em.config import ModelConfig, TrainConfig
+from tvae_em.ctf import ctf_mode
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.relion import CTF_COLUMNS, ctf_parameters, to_relion31
 from tvae_em.io.stack import ArrayParticles, open_particles, write_stack
 from tvae_em.io.star import new_relion31_star, read_star, write_star
 from tvae_em.model import TargetVAE
-from tvae_em.train import ctf_mode, train
+from tvae_em.train import train
 
 torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ from tvae_em.errors import UsageError
 LIKELIHOODS = ("bernoulli", "gaussian")
 ROTATION_PRIORS = ("uniform", "normal")
 CTF_MODES = ("none", "full", "flipped")  # no CTF; the CTF; |CTF| (images already multiplied by sign(CTF))
-CTF_REQUESTS = ("auto", "on", "none")  # ``train --ctf``, resolved to a CTF mode by ``train.ctf_mode``
+CTF_REQUESTS = ("auto", "on", "none")  # ``train --ctf``, resolved to a CTF mode by ``ctf.ctf_mode``
 POINTWISE_KINDS = ("group", "shared")  # full 1x1 group convolutions; one matrix shared by the r rotations
 # How the model computes (tvae_em.model.kernels): the hand-written fast kernels, or the plain reference code they
 # are tested against. The same model and results either way.

@@ -26,6 +26,9 @@ import math
 import numpy as np
 import torch
 
+from tvae_em import console
+from tvae_em.config import CTF_REQUESTS, ModelConfig
+from tvae_em.errors import InputError, UsageError
 from tvae_em.io.relion import CTF_COLUMNS
 
 N_COLUMNS = len(CTF_COLUMNS) + 1  # the parameters of io.relion.CTF_COLUMNS, then the pixel size (Å)
@@ -105,3 +108,47 @@ def in_aligned_frame(params: np.ndarray, psi_deg) -> np.ndarray:
 def _multiply_spectra(images: np.ndarray, factors: np.ndarray) -> np.ndarray:
     spectrum = np.fft.rfft2(np.asarray(images, np.float64))
     return np.fft.irfft2(spectrum * factors, s=images.shape[-2:]).astype(np.float32)
+
+
+# --- which CTF a model applies ----------------------------------------------------------------------------
+
+def particle_ctf(particles, config: ModelConfig) -> np.ndarray | None:
+    """Every particle's CTF parameters when the model applies a CTF (None otherwise); UsageError when the
+    particles carry none, or when phase-flipped images would meet a model of the full CTF or the reverse."""
+    if config.ctf == "none":
+        return None
+    if particles.ctf is None:
+        raise UsageError("the model applies a CTF but the particles carry no defocus values (_rlnDefocusU)")
+    expected = "flipped" if particles.ctf_flipped else "full"
+    if config.ctf != expected:
+        raise UsageError(f"the model applies the {config.ctf} CTF but the images are "
+                         f"{'' if particles.ctf_flipped else 'not '}phase flipped")
+    return particles.ctf
+
+
+def ctf_mode(request: str, particles, note: bool = True) -> str:
+    """``ModelConfig.ctf`` for a ``train --ctf`` request: 'auto' models the CTF when the particles carry defocus
+    values (its magnitude when their images were phase flipped), 'on' insists on it (UsageError without defocus
+    values), 'none' leaves it out (with a ``note`` on stderr when defocus values are there and the images are
+    not phase flipped: the latents will then follow defocus as well as structure)."""
+    if request not in CTF_REQUESTS:
+        raise UsageError(f"--ctf must be one of {', '.join(CTF_REQUESTS)}, not {request!r}")
+    if request == "on" and particles.ctf is None:
+        raise UsageError("--ctf on: the particles carry no defocus values (_rlnDefocusU)")
+    if request == "none":
+        if note and _carries_defocus(particles) and not particles.ctf_flipped:
+            console.note("note: the particles carry defocus values but the CTF is neither modelled (--ctf none) "
+                         "nor corrected (preprocess --phase-flip): latents and clusters will follow defocus too")
+        return "none"
+    if particles.ctf is None:
+        return "none"
+    return "flipped" if particles.ctf_flipped else "full"
+
+
+def _carries_defocus(particles) -> bool:
+    """Whether the particles have defocus values, also where the rest of a CTF is missing (which only a model of
+    the CTF needs: ``--ctf none`` trains on such a STAR)."""
+    try:
+        return particles.ctf is not None
+    except InputError:
+        return True

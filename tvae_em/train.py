@@ -62,7 +62,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from tvae_em import checkpoint as ckpt
 from tvae_em import console
-from tvae_em.config import CTF_REQUESTS, RECIPE_SETTINGS, ModelConfig, TrainConfig
+from tvae_em.config import ModelConfig, TrainConfig
+from tvae_em.ctf import ctf_mode, particle_ctf
 from tvae_em.ctf import transfer as ctf_transfer
 from tvae_em.device import (
     bf16_autocast,
@@ -75,6 +76,8 @@ from tvae_em.errors import InputError, Interrupted, TvaeError, UsageError
 from tvae_em.io.atomic import atomic_path, locked_folder, refuse_overwriting
 from tvae_em.memory import FLOAT_BYTES, check_fits, model_bytes
 from tvae_em.plots import save_figure
+from tvae_em.resume import check_resumable, nothing_to_do, rows_text, same_rows
+from tvae_em.resume import conflicts as resume_conflicts
 from tvae_em.runtime import (
     CarriedError,
     ProcessGroup,
@@ -145,8 +148,8 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig, particles
             try:
                 checkpoint = _checkpoint_to_resume(run_dir) if resume else None
                 if checkpoint is not None:
-                    model_config = _check_resumable(checkpoint, run_dir, model_config, train_config, particles)
-                    done = _nothing_to_do(checkpoint, train_config)
+                    model_config = check_resumable(checkpoint, run_dir, model_config, train_config, particles)
+                    done = nothing_to_do(checkpoint, train_config)
                     if done:
                         console.note(f"{run_dir}: {done}")
                         return _result(run_dir, ckpt.run_progress(checkpoint))
@@ -216,11 +219,11 @@ def resume_from_star(star_path, run_dir, requested: dict | None = None, datadir=
                          f"with -o {run_dir} and its options")
     checkpoint = ckpt.read_checkpoint(path)
     model_config, train_config = ckpt.model_config_from(checkpoint, path), ckpt.train_config_from(checkpoint, path)
-    conflicts = _resume_conflicts(train_config, model_config, requested, particles)
+    conflicts = resume_conflicts(train_config, model_config, requested, particles)
     run_rows = ckpt.run_rows(checkpoint, path, len(particles))
-    if indices_file is not None and not _same_rows(read_row_indices(indices_file, len(particles), star_path),
+    if indices_file is not None and not same_rows(read_row_indices(indices_file, len(particles), star_path),
                                                    run_rows):
-        conflicts.append(f"--ind {indices_file} (the run's particles: {_rows_text(run_rows, len(particles))})")
+        conflicts.append(f"--ind {indices_file} (the run's particles: {rows_text(run_rows, len(particles))})")
     if conflicts:
         raise UsageError(f"cannot resume {run_dir} with {'; '.join(conflicts)}: only --epochs (the new total), "
                          "--device and --amp may change; start a new run (-o) to train otherwise")
@@ -241,37 +244,6 @@ def _star_inputs(star_path, datadir, ctf: str | None) -> dict:
 def _inputs(star_path, particles, indices_file) -> list:
     """The files a run folder must not replace."""
     return [star_path, *particles.stack_paths, *([indices_file] if indices_file is not None else [])]
-
-
-def _same_rows(rows: np.ndarray | None, run_rows: np.ndarray | None) -> bool:
-    return (rows is None and run_rows is None) or (rows is not None and run_rows is not None
-                                                   and np.array_equal(rows, run_rows))
-
-
-def _rows_text(rows: np.ndarray | None, n_rows: int) -> str:
-    return f"all {n_rows} of the input" if rows is None else f"{len(rows)} rows chosen by --ind"
-
-
-def _resume_conflicts(train_config: TrainConfig, model_config: ModelConfig, requested: dict, particles) -> list[str]:
-    """'--option value (the run's setting: value, ...)' for every option given on resume that asks for settings
-    other than the run's, outside ``TrainConfig.RESUMABLE_CHANGES``. Options given explicitly override what a
-    preset sets, as for a new run."""
-    asked = {}  # setting -> (value, the option asking for it)
-    preset = requested.get("preset")
-    if preset is not None:
-        recipe = TrainConfig.preset(preset)
-        asked.update({key: (getattr(recipe, key), f"--preset {preset}") for key in RECIPE_SETTINGS})
-    for key, value in requested.items():
-        if key == "ctf":
-            asked[key] = (ctf_mode(value, particles, note=False), f"--ctf {value}")
-        elif key != "preset":
-            asked[key] = (value, f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}"))
-    run = {**model_config.to_dict(), **train_config.to_dict()}
-    differing = {}  # option -> the run's values of the settings it would change
-    for key, (value, option) in asked.items():
-        if key not in TrainConfig.RESUMABLE_CHANGES and run.get(key) != value:
-            differing.setdefault(option, []).append(f"{key.replace('_', ' ')}: {run.get(key)}")
-    return [f"{option} (the run's {', '.join(values)})" for option, values in differing.items()]
 
 
 def make_split(n_particles: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +294,7 @@ class _Trainer:
         rank_batch, activation_bytes = -(-config.batch_size // group.world), 2 if self.amp else FLOAT_BYTES
         check_fits(model_bytes(model_config, rank_batch, training=True, activation_bytes=activation_bytes),
                    device, f"training this model on batches of {rank_batch} particles", _SMALLER_MODEL)
-        self.ctf = _particle_ctf(particles, model_config)
+        self.ctf = particle_ctf(particles, model_config)
         self.model = ckpt.build_model(model_config, seed=_seed(config.seed, _INIT)).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         # threshold 0: any decrease counts as an improvement, as for early stopping; the scheduler acts when its
@@ -566,33 +538,6 @@ def _checkpoint_to_resume(run_dir: Path) -> dict | None:
     return ckpt.read_training_checkpoint(path) if path.exists() else None
 
 
-def _check_resumable(checkpoint: dict, run_dir: Path, model_config, config: TrainConfig, particles) -> ModelConfig:
-    """The stored model configuration, after checking the checkpoint's training state, and the request and the
-    data against the run."""
-    path = run_dir / ckpt.LAST
-    stored_model = ckpt.model_config_from(checkpoint, path)
-    if model_config is not None:
-        _refuse_changes("model", stored_model.to_dict(), model_config.to_dict(), ())
-    _refuse_changes("training", checkpoint["train_config"], config.to_dict(), TrainConfig.RESUMABLE_CHANGES)
-    if not _same_rows(getattr(particles, "rows", None), ckpt.run_rows(checkpoint, path)):
-        raise UsageError(f"{run_dir} was trained on other rows of its input than these particles (--ind)")
-    if checkpoint["n_particles"] != len(particles):
-        raise UsageError(f"{run_dir} was trained on {checkpoint['n_particles']} particles, the input has "
-                         f"{len(particles)}")
-    return stored_model
-
-
-def _nothing_to_do(checkpoint: dict, config: TrainConfig) -> str | None:
-    """Why a run resumed with ``config`` has no epoch left to train, or None when it has."""
-    done = checkpoint["epoch"]
-    if checkpoint["stop_reason"] == "early_stop":
-        return (f"training stopped early after epoch {done} ({checkpoint['bad_epochs']} epochs without "
-                "improvement): nothing to do")
-    if done >= config.epochs:
-        return f"{done} of {config.epochs} epochs are done: nothing to do (give a larger --epochs to train further)"
-    return None
-
-
 def _result(run_dir: Path, progress: ckpt.RunProgress) -> TrainResult:
     rows = {row["epoch"]: row for row in progress.history}
     return TrainResult(run_dir=run_dir, best_checkpoint=run_dir / ckpt.BEST, last_checkpoint=run_dir / ckpt.LAST,
@@ -706,59 +651,10 @@ def _check_normalised(particles, indices: np.ndarray, config: ModelConfig) -> No
                         "preprocess' on them first")
 
 
-def _particle_ctf(particles, config: ModelConfig) -> np.ndarray | None:
-    """Every particle's CTF parameters when the model applies a CTF (None otherwise); UsageError when the
-    particles carry none, or when phase-flipped images would meet a model of the full CTF or the reverse."""
-    if config.ctf == "none":
-        return None
-    if particles.ctf is None:
-        raise UsageError("the model applies a CTF but the particles carry no defocus values (_rlnDefocusU)")
-    expected = "flipped" if particles.ctf_flipped else "full"
-    if config.ctf != expected:
-        raise UsageError(f"the model applies the {config.ctf} CTF but the images are "
-                         f"{'' if particles.ctf_flipped else 'not '}phase flipped")
-    return particles.ctf
-
-
-def ctf_mode(request: str, particles, note: bool = True) -> str:
-    """``ModelConfig.ctf`` for a ``train --ctf`` request: 'auto' models the CTF when the particles carry defocus
-    values (its magnitude when their images were phase flipped), 'on' insists on it (UsageError without defocus
-    values), 'none' leaves it out (with a ``note`` on stderr when defocus values are there and the images are
-    not phase flipped: the latents will then follow defocus as well as structure)."""
-    if request not in CTF_REQUESTS:
-        raise UsageError(f"--ctf must be one of {', '.join(CTF_REQUESTS)}, not {request!r}")
-    if request == "on" and particles.ctf is None:
-        raise UsageError("--ctf on: the particles carry no defocus values (_rlnDefocusU)")
-    if request == "none":
-        if note and _carries_defocus(particles) and not particles.ctf_flipped:
-            console.note("note: the particles carry defocus values but the CTF is neither modelled (--ctf none) "
-                         "nor corrected (preprocess --phase-flip): latents and clusters will follow defocus too")
-        return "none"
-    if particles.ctf is None:
-        return "none"
-    return "flipped" if particles.ctf_flipped else "full"
-
-
-def _carries_defocus(particles) -> bool:
-    """Whether the particles have defocus values, also where the rest of a CTF is missing (which only a model of
-    the CTF needs: ``--ctf none`` trains on such a STAR)."""
-    try:
-        return particles.ctf is not None
-    except InputError:
-        return True
-
-
 def _listing(indices: torch.Tensor, shown: int = 5) -> str:
     values = indices.tolist()
     text = ", ".join(str(i) for i in values[:shown])
     return text + (f" and {len(values) - shown} more" if len(values) > shown else "")
-
-
-def _refuse_changes(what: str, stored: dict, given: dict, allowed: tuple) -> None:
-    changed = [f"{key} (run: {stored[key]!r}, now: {given[key]!r})" for key in given
-               if key not in allowed and key in stored and stored[key] != given[key]]
-    if changed:
-        raise UsageError(f"cannot resume with a different {what} configuration: {'; '.join(changed)}")
 
 
 def _seed(*key: int) -> int:
