@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from tvae_em.checkpoint import load_model
+from tvae_em.clustering import cluster
 from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.io.atomic import atomic_path
+from tvae_em.io.mnist import has_mnist, mnist_split
 from tvae_em.io.stack import ArrayParticles
 from tvae_em.metrics import (
-    cluster,
     clustering_accuracy,
     nmi,
     relative_pose,
@@ -47,7 +48,7 @@ from tvae_em.metrics import (
 )
 from tvae_em.model import TargetVAE
 from tvae_em.model.baselines import MLPVAE, count_parameters, fit, hidden_for_parameters
-from tvae_em.simulate import has_mnist, make_mnist_variant, mnist_split
+from tvae_em.simulate import make_mnist_variant
 from tvae_em.train import train
 
 SIZE = 50

@@ -7,7 +7,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from tvae_em.simulate import has_mnist
+from tvae_em.io.mnist import has_mnist
 
 # ../shared/data/mnist beside the repository (.ci/run says loudly when it is missing)
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

@@ -10,7 +10,7 @@ from test_subset import run
 
 from tvae_em import averages
 from tvae_em.ctf import through_ctf
-from tvae_em.infer import RELION_POSE, TVAE_POSE
+from tvae_em.io.columns import RELION_POSE, TVAE_POSE
 from tvae_em.io.stack import ArrayParticles, open_particles
 from tvae_em.io.star import numeric_column, read_star, write_star
 from tvae_em.poses import model_to_relion

@@ -13,7 +13,7 @@ import torch
 
 from tvae_em import checkpoint as ckpt
 from tvae_em.config import ModelConfig, TrainConfig
-from tvae_em.infer import encode_particles
+from tvae_em.encode import encode_particles
 from tvae_em.io.stack import ArrayParticles
 from tvae_em.train import train
 

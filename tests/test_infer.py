@@ -11,8 +11,9 @@ from console_lines import message_lines
 from relion_files import optics_block
 from tiny_run import BOX, TINY, save_run
 
-from tvae_em import checkpoint, infer
+from tvae_em import checkpoint, clustering, encode, infer, pose_quality, shards
 from tvae_em.errors import InputError, UsageError
+from tvae_em.io.columns import RELION_POSE
 from tvae_em.io.stack import open_particles, write_stack
 from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
 
@@ -83,21 +84,21 @@ class CountingParticles:
 
 def test_encode_particles_streams_batches_and_matches_model(data):
     particles = CountingParticles(open_particles(data["star"]))
-    result = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="off")
+    result = encode.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="off")
     assert particles.largest == BATCH
     expected = data["encoded"]
-    for name in infer.ENCODED_FIELDS:
+    for name in encode.ENCODED_FIELDS:
         np.testing.assert_allclose(result[name], getattr(expected, name).numpy(), rtol=1e-5, atol=1e-6)
     subset = np.array([24, 3, 7])
-    picked = infer.encode_particles(data["model"], particles, batch_size=2, device="cpu", indices=subset, amp="off")
+    picked = encode.encode_particles(data["model"], particles, batch_size=2, device="cpu", indices=subset, amp="off")
     np.testing.assert_allclose(picked["z_mu"], expected.z_mu.numpy()[subset], rtol=1e-5, atol=1e-6)
     assert picked["rotation_mass"].shape == (3, TINY["rotations"])
 
 
 def test_encode_particles_in_bfloat16_is_close_to_float32(data):
     particles = open_particles(data["star"])
-    exact = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="off")
-    fast = infer.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="bf16")
+    exact = encode.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="off")
+    fast = encode.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="bf16")
     assert np.abs(fast["z_mu"] - exact["z_mu"]).mean() < 0.05 * exact["z_mu"].std()
     half_pixel = 1 / BOX  # in the model frame, where a pixel is 2 / BOX
     assert np.mean(np.all(np.abs(fast["t"] - exact["t"]) < half_pixel, axis=1)) >= 0.8  # the same peak, mostly
@@ -145,7 +146,7 @@ def test_pose_writes_relion_convention(data, tmp_path):
     out = infer.pose(data["run"], data["star"], tmp_path / "posed.star", batch_size=BATCH, device="cpu",
                      amp="off")
     assert sha256(data["star"]) == before
-    assert_input_columns_kept(data["star"], out, replaced=infer.RELION_POSE)
+    assert_input_columns_kept(data["star"], out, replaced=RELION_POSE)
     star = read_star(out)
     col = lambda label: numeric_column(star, "particles", label)  # noqa: E731
     theta = data["encoded"].theta.double().numpy()
@@ -161,8 +162,8 @@ def test_pose_writes_relion_convention(data, tmp_path):
     mass = data["encoded"].rotation_mass.numpy()
     np.testing.assert_allclose(col("tvaeRotationMassTop"), mass.max(1), rtol=1e-5)
     np.testing.assert_allclose(col("tvaePoseLocalMass"), data["encoded"].local_mass.numpy(), rtol=1e-5)
-    located = data["encoded"].translation_mass.numpy() >= infer.CONFIDENT_MASS
-    np.testing.assert_array_equal(col("tvaeSymmetryHint"), np.where(located, infer.symmetry_hint(mass), 0))
+    located = data["encoded"].translation_mass.numpy() >= pose_quality.CONFIDENT_MASS
+    np.testing.assert_array_equal(col("tvaeSymmetryHint"), np.where(located, pose_quality.symmetry_hint(mass), 0))
     assert star["particles"]["rlnMicrographName"].iloc[0] == "m 1.mrc"
     assert matplotlib.image.imread(tmp_path / "posed_poses.png").ndim == 3
 
@@ -171,7 +172,7 @@ def test_untrained_model_says_its_poses_are_uncertain_and_gives_no_symmetry_hint
     with pytest.warns(UserWarning, match="most poses are uncertain"):
         out = infer.pose(data["run"], data["star"], tmp_path / "posed.star", batch_size=BATCH, device="cpu")
     star = read_star(out)
-    assert np.all(numeric_column(star, "particles", "tvaePoseLocalMass") < infer.CONFIDENT_MASS)
+    assert np.all(numeric_column(star, "particles", "tvaePoseLocalMass") < pose_quality.CONFIDENT_MASS)
     assert np.all(numeric_column(star, "particles", "tvaeSymmetryHint") == 0)  # not 4 (R) for every particle
     assert f"{N_ROWS} of {N_ROWS} particles (100.0 %) have uncertain poses" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="most poses are uncertain"):
@@ -202,7 +203,7 @@ def test_pose_in_three_shards_then_merge_equals_unsharded(data, tmp_path):
     whole = infer.pose(data["run"], data["star"], tmp_path / "whole.star", batch_size=BATCH, device="cpu")
     parts = [infer.pose(data["run"], data["star"], tmp_path / "merged.star", shard=(i, 3), batch_size=BATCH,
                         device="cpu") for i in range(3)]
-    assert [len(infer.Results.load(p).rows) for p in parts] == [8, 8, 9]
+    assert [len(shards.Results.load(p).rows) for p in parts] == [8, 8, 9]
     assert infer.merge_shards(parts, tmp_path / "merged.star").read_bytes() == whole.read_bytes()
 
 
@@ -239,13 +240,13 @@ def test_refuses_overwriting_input_and_wrong_box(data, tmp_path):
 
 
 def test_shard_rows_are_contiguous_and_cover_every_row():
-    blocks = [infer.shard_rows(10, (i, 3)) for i in range(3)]
+    blocks = [shards.shard_rows(10, (i, 3)) for i in range(3)]
     assert [b.tolist() for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
-    np.testing.assert_array_equal(infer.shard_rows(10), np.arange(10))
-    assert infer.parse_shard("2/4") == (2, 4)
+    np.testing.assert_array_equal(shards.shard_rows(10), np.arange(10))
+    assert shards.parse_shard("2/4") == (2, 4)
     for bad in ("4/4", "1", "a/b", "-1/3", "0/0"):
         with pytest.raises(UsageError):
-            infer.parse_shard(bad)
+            shards.parse_shard(bad)
 
 
 def test_symmetry_hint_recognises_cyclic_patterns():
@@ -256,16 +257,16 @@ def test_symmetry_hint_recognises_cyclic_patterns():
     between_bins = (0.6 * np.eye(r)[3] + 0.4 * np.eye(r)[4])[None]  # C1 object between two rotation bins
     uniform = np.full((1, r), 1 / r)
     masses = np.concatenate([one_hot, two_fold, three_fold, between_bins, uniform])
-    assert infer.symmetry_hint(masses).tolist() == [1, 2, 3, 1, 12]
+    assert pose_quality.symmetry_hint(masses).tolist() == [1, 2, 3, 1, 12]
 
 
 def test_large_ward_fits_a_subsample_and_assigns_the_rest(monkeypatch):
-    monkeypatch.setattr(infer, "WARD_MAX_POINTS", 60)
+    monkeypatch.setattr(clustering, "WARD_MAX_POINTS", 60)
     rng = np.random.default_rng(1)
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     truth = np.repeat([0, 1, 2], [200, 120, 80])
     z = centres[truth] + rng.normal(scale=0.5, size=(len(truth), 2))
-    labels = infer.cluster_latents(z, 3, method="ward", seed=0)
+    labels = clustering.cluster_latents(z, 3, method="ward", seed=0)
     assert labels.tolist() == (truth + 1).tolist()  # biggest blob is cluster 1
 
 

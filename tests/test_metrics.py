@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
+from tvae_em.clustering import cluster
 from tvae_em.errors import UsageError
 from tvae_em.metrics import (
     circular_correlation,
     circular_mean,
-    cluster,
     clustering_accuracy,
     nmi,
     pearson,
@@ -118,7 +118,7 @@ def test_cluster_refuses_bad_requests(monkeypatch):
         cluster(z, 3, method="spectral")
     with pytest.raises(UsageError):
         cluster(z, 11)
-    monkeypatch.setattr("tvae_em.metrics.WARD_MAX_POINTS", 5)
+    monkeypatch.setattr("tvae_em.clustering.WARD_MAX_POINTS", 5)
     with pytest.raises(UsageError, match="k-means"):
         cluster(z, 2, method="ward")
 

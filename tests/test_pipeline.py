@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from tvae_em import ctf, demo, infer, simulate
+from tvae_em import ctf, demo, simulate
 from tvae_em.checkpoint import load_model
 from tvae_em.cli import main
+from tvae_em.io.columns import CONFIDENCE_COLUMN
 from tvae_em.io.mrc import read_mrc_header
 from tvae_em.io.relion import particle_pixel_sizes
 from tvae_em.io.stack import open_particles
 from tvae_em.io.star import numeric_column, particles_block, read_star
+from tvae_em.pose_quality import CONFIDENT_MASS
 from tvae_em.poses import align_image, model_to_relion
 from tvae_em.preprocess import background_mask
 
@@ -56,8 +58,8 @@ def test_default_recipe_finds_the_poses_and_the_classes(pipeline):
     assert min(scores["translation_x"], scores["translation_y"]) >= 0.9, scores
     assert scores["accuracy"] >= 0.9, scores
     posed = read_star(out / "posed.star")
-    confidence = numeric_column(posed, particles_block(posed), infer.CONFIDENCE_COLUMN)
-    assert np.mean(confidence < infer.CONFIDENT_MASS) < 0.1  # a trained model is sure of most poses
+    confidence = numeric_column(posed, particles_block(posed), CONFIDENCE_COLUMN)
+    assert np.mean(confidence < CONFIDENT_MASS) < 0.1  # a trained model is sure of most poses
 
 
 def test_every_output_exists_parses_and_keeps_the_input_columns(pipeline):

@@ -9,6 +9,7 @@ from tiny_run import BOX, save_run
 
 from tvae_em import checkpoint, render
 from tvae_em.errors import InputError, UsageError
+from tvae_em.io.columns import z_columns
 from tvae_em.io.stack import open_particles
 from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
 
@@ -92,17 +93,17 @@ def test_grid_of_a_3d_latent_space_spans_an_embedded_star_and_captions_its_panel
 
     monkeypatch.setattr(render.plots, "montage_figure", spy)
     z_prior = latents_of(read_star(render.render(run_dir, tmp_path / "prior", grid=2, device="cpu")),
-                         names=render.z_columns(3))
+                         names=z_columns(3))
     np.testing.assert_allclose(z_prior, [[-2, 2, 0], [2, 2, 0], [-2, -2, 0], [2, -2, 0]])
 
     points = np.random.default_rng(2).normal(size=(300, 3)) * [1.0, 2.0, 0.5] + [0.0, 1.0, -3.0]
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [1.7]})
     particles = pd.DataFrame({"rlnImageName": [f"{i}@p.mrcs" for i in range(1, 301)], "rlnOpticsGroup": 1,
-                              **dict(zip(render.z_columns(3), points.T, strict=True))})
+                              **dict(zip(z_columns(3), points.T, strict=True))})
     write_star(tmp_path / "embedded.star", new_relion31_star(optics, particles))
     star = read_star(render.render(run_dir, tmp_path / "data", grid=3, z_file=tmp_path / "embedded.star",
                                    device="cpu"))
-    z = latents_of(star, names=render.z_columns(3))
+    z = latents_of(star, names=z_columns(3))
     low, high = np.percentile(points[:, :2], render.GRID_PERCENTILES, axis=0)
     np.testing.assert_allclose(z[:, 0], np.tile(np.linspace(low[0], high[0], 3), 3))
     np.testing.assert_allclose(z[:, 1], np.repeat(np.linspace(high[1], low[1], 3), 3))

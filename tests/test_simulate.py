@@ -5,6 +5,7 @@ import pytest
 
 from tvae_em import simulate
 from tvae_em.errors import InputError, UsageError
+from tvae_em.io import mnist
 
 # ------------------------------------------------------------------------------------------ render_pose
 
@@ -48,7 +49,7 @@ def test_render_pose_accepts_one_canonical_per_pose_and_checks_shapes():
 
 @pytest.fixture(scope="module")
 def mnist_t10k(mnist_dir):
-    return simulate.load_mnist(mnist_dir)
+    return mnist.load_mnist(mnist_dir)
 
 
 def test_load_mnist_reads_the_test_digits(mnist_t10k):
@@ -69,7 +70,7 @@ def _write_idx(path, array, compress):
 def _fake_mnist(directory, subset, n, compress, first_label=0):
     images = np.random.default_rng(n).integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = (np.arange(n) + first_label) % 10
-    image_name, label_name = simulate.MNIST_FILES[subset]
+    image_name, label_name = mnist.MNIST_FILES[subset]
     suffix = ".gz" if compress else ""
     _write_idx(directory / f"{image_name}{suffix}", images, compress)
     _write_idx(directory / f"{label_name}{suffix}", labels, compress)
@@ -78,14 +79,14 @@ def _fake_mnist(directory, subset, n, compress, first_label=0):
 
 def test_load_mnist_reads_plain_idx_files(tmp_path):
     images, labels = _fake_mnist(tmp_path, "t10k", 7, compress=False)
-    got_images, got_labels = simulate.load_mnist(tmp_path)
+    got_images, got_labels = mnist.load_mnist(tmp_path)
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, labels)
 
 
 def test_load_mnist_reports_missing_and_corrupt_files(tmp_path):
     with pytest.raises(InputError, match="t10k-images-idx3-ubyte"):
-        simulate.load_mnist(tmp_path)
+        mnist.load_mnist(tmp_path)
     _fake_mnist(tmp_path, "t10k", 7, compress=True)
     image_file = tmp_path / "t10k-images-idx3-ubyte.gz"
     with gzip.open(image_file, "rb") as f:
@@ -93,27 +94,27 @@ def test_load_mnist_reports_missing_and_corrupt_files(tmp_path):
     with gzip.open(image_file, "wb") as f:
         f.write(raw[:-100])
     with pytest.raises(InputError, match="truncated"):
-        simulate.load_mnist(tmp_path)
+        mnist.load_mnist(tmp_path)
     image_file.write_bytes(b"not gzip at all")
     with pytest.raises(InputError, match="t10k-images"):
-        simulate.load_mnist(tmp_path)
+        mnist.load_mnist(tmp_path)
 
 
 def test_mnist_split_uses_held_out_test_digits_when_only_t10k_exists(tmp_path):
     images, labels = _fake_mnist(tmp_path, "t10k", 30, compress=True)
-    train_images, train_labels = simulate.mnist_split(tmp_path, "train", n_holdout=10)
-    test_images, test_labels = simulate.mnist_split(tmp_path, "test", n_holdout=10)
+    train_images, train_labels = mnist.mnist_split(tmp_path, "train", n_holdout=10)
+    test_images, test_labels = mnist.mnist_split(tmp_path, "test", n_holdout=10)
     np.testing.assert_array_equal(train_images, images[:20])
     np.testing.assert_array_equal(test_labels, labels[20:])
     with pytest.raises(UsageError):
-        simulate.mnist_split(tmp_path, "test", n_holdout=30)
+        mnist.mnist_split(tmp_path, "test", n_holdout=30)
 
 
 def test_mnist_split_uses_the_papers_split_when_the_training_file_exists(tmp_path):
     train_images, _ = _fake_mnist(tmp_path, "train", 12, compress=True)
     t10k_images, _ = _fake_mnist(tmp_path, "t10k", 5, compress=False, first_label=3)
-    np.testing.assert_array_equal(simulate.mnist_split(tmp_path, "train")[0], train_images)
-    np.testing.assert_array_equal(simulate.mnist_split(tmp_path, "test")[0], t10k_images)
+    np.testing.assert_array_equal(mnist.mnist_split(tmp_path, "train")[0], train_images)
+    np.testing.assert_array_equal(mnist.mnist_split(tmp_path, "test")[0], t10k_images)
 
 
 @pytest.mark.parametrize("variant", ["N", "U"])
@@ -269,7 +270,7 @@ def test_written_mnist_variant_reads_back_with_its_truth(tmp_path, mnist_dir):
     assert star == tmp_path / "mnist_U_test.star"
     images, truth, particles = _read_back(star)
     assert particles.box == 50 and particles.pixel_size == 1.0
-    test_images, test_labels = simulate.load_mnist(mnist_dir)
+    test_images, test_labels = mnist.load_mnist(mnist_dir)
     expected = simulate.make_mnist_variant(test_images[-100:][:12], test_labels[-100:][:12], "U", seed=[3, 1])
     np.testing.assert_allclose(images, expected["images"], atol=1e-6)
     np.testing.assert_array_equal(truth["tvaeTrueClass"], test_labels[-100:][:12])

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from tvae_em import device as device_module
 from tvae_em.config import ModelConfig
 from tvae_em.device import torch_threads
+from tvae_em.io.mnist import load_mnist
 from tvae_em.model import TargetVAE
 from tvae_em.model import kernels as kernels_module
 from tvae_em.model import plain_encoder as plain_encoder_module
 from tvae_em.model.generator import SpatialGenerator
 from tvae_em.model.kernels import FourierLinear
-from tvae_em.simulate import load_mnist, make_mnist_variant
+from tvae_em.simulate import make_mnist_variant
 
 SMALL = dict(image_size=28, rotations=8, encoder_fields=4, encoder_kernel=15, encoder_padding=4, generator_width=32,
              fourier_features=64, fourier_scale=0.2, likelihood="bernoulli", generator_depth=2)

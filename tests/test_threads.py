@@ -10,8 +10,8 @@ import torch
 from tvae_em import checkpoint as ckpt
 from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.device import cgroup_cpu_quota, cpu_budget, plan_threads
+from tvae_em.encode import encode_particles
 from tvae_em.errors import UsageError
-from tvae_em.infer import encode_particles
 from tvae_em.train import train
 
 AFFINITY = len(os.sched_getaffinity(0))

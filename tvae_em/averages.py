@@ -17,7 +17,7 @@ from being amplified into noise.
 
 Poses come from ``_rlnAnglePsi``, ``_rlnOriginXAngst`` and ``_rlnOriginYAngst`` (``tvae-em pose``), or from the
 ``_tvaeAnglePsi`` columns when present (the in-plane pose ``pose`` writes beside a 3-D refinement's angles); a
-missing origin counts as 0, as in RELION. Classes come from ``subset.class_column``.
+missing origin counts as 0, as in RELION. Classes come from ``io.columns.class_column``.
 """
 
 import warnings
@@ -30,18 +30,23 @@ import pandas as pd
 from tvae_em import console, plots
 from tvae_em.ctf import in_aligned_frame, rfft_values, through_ctf
 from tvae_em.errors import InputError, UsageError
-from tvae_em.infer import CLASS_COLUMN, RELION_POSE, TVAE_POSE
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
+from tvae_em.io.columns import (
+    CLASS_COLUMN,
+    COUNT_COLUMN,
+    RELION_POSE,
+    class_column,
+    class_numbers,
+    in_plane_pose_labels,
+)
 from tvae_em.io.relion import one_optics_group
 from tvae_em.io.stack import image_names, open_particles, write_stack
 from tvae_em.io.star import StarFile, new_relion31_star, numeric_column, write_star
 from tvae_em.poses import align_image
-from tvae_em.subset import class_column, class_numbers
 
 STACK_NAME, STAR_NAME, GALLERY_NAME = "averages.mrcs", "averages.star", "averages.png"
 WIENER_CONSTANT = 0.1
 CTF_MODES = ("auto", "none")
-COUNT_COLUMN = "tvaeParticleCount"
 PROGRESS_MIN = 2000  # fewer particles are averaged in a moment: no progress bar
 
 
@@ -97,7 +102,7 @@ def in_plane_poses(star: StarFile, block: str) -> tuple[tuple[str, ...], np.ndar
     """(labels, psi_deg (n,), origin_angst (n, 2)) of the particles: the ``_tvaeAnglePsi`` columns when present,
     else ``_rlnAnglePsi`` and its origins; InputError naming the file when there is no angle."""
     columns = star[block].columns
-    labels = TVAE_POSE if TVAE_POSE[0] in columns else RELION_POSE
+    labels = in_plane_pose_labels(columns)
     if labels[0] not in columns:
         raise InputError(star.path, f"data_{block} has no _{RELION_POSE[0]} column (in-plane poses: run "
                                     "'tvae-em pose' first)")

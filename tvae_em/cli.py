@@ -107,7 +107,7 @@ class _Command(click.Command):
 def _parse_shard(text):
     if text is None:
         return None
-    from tvae_em.infer import parse_shard
+    from tvae_em.shards import parse_shard
 
     return parse_shard(text)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tvae_em import infer, metrics, poses, preprocess, render, simulate, train
+from tvae_em.io.columns import CLUSTER_COLUMN, RELION_POSE, TRUE_CLASS_COLUMN, TRUE_POSE
 from tvae_em.io.relion import particle_pixel_sizes
 from tvae_em.io.stack import open_particles
 from tvae_em.io.star import numeric_column, particles_block, read_star
@@ -63,15 +64,12 @@ def truth_scores(embedded_star, posed_star) -> dict:
     block = particles_block(posed)
     column = lambda star, label: numeric_column(star, block, label)  # noqa: E731
     box, apix = open_particles(posed_star).box, particle_pixel_sizes(posed, block)
-    theta_true, t_true = poses.relion_to_model(column(posed, "tvaeTruePsi"),
-                                               column(posed, "tvaeTrueOriginXAngst"),
-                                               column(posed, "tvaeTrueOriginYAngst"), box, apix)
-    theta_pred, t_pred = poses.relion_to_model(column(posed, "rlnAnglePsi"), column(posed, "rlnOriginXAngst"),
-                                               column(posed, "rlnOriginYAngst"), box, apix)
-    labels = column(posed, "tvaeTrueClass").astype(int)
+    theta_true, t_true = poses.relion_to_model(*(column(posed, label) for label in TRUE_POSE), box, apix)
+    theta_pred, t_pred = poses.relion_to_model(*(column(posed, label) for label in RELION_POSE), box, apix)
+    labels = column(posed, TRUE_CLASS_COLUMN).astype(int)
     rotation, (r_x, r_y) = metrics.pose_scores_per_object(theta_true, t_true, theta_pred, t_pred, labels)
     embedded = read_star(embedded_star)
-    clusters = numeric_column(embedded, particles_block(embedded), "tvaeCluster").astype(int)
+    clusters = numeric_column(embedded, particles_block(embedded), CLUSTER_COLUMN).astype(int)
     return {"particles": len(labels), "rotation": rotation, "translation_x": r_x, "translation_y": r_y,
             "accuracy": metrics.clustering_accuracy(labels, clusters),
             "chance": np.bincount(labels).max() / len(labels)}

@@ -2,18 +2,15 @@
 
 Pose inference is scored with the circular correlation of Jammalamadaka & Sengupta (paper ref. [31]) for
 rotations and the Pearson correlation for translations; semantic representations are scored by clustering
-z (Ward agglomerative clustering, ref. [32]) and matching clusters to known classes one-to-one.
+z (``tvae_em.clustering``: Ward agglomerative clustering, ref. [32]) and matching clusters to known classes
+one-to-one.
 """
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from tvae_em.errors import UsageError
-
-# Ward clustering keeps an n x n distance structure in memory (~4 n^2 bytes); 20,000 points need ~1.6 GB.
-WARD_MAX_POINTS = 20_000
+from tvae_em.poses import rotate, rotation_matrix
 
 
 def circular_mean(angle_rad):
@@ -58,9 +55,7 @@ def relative_pose(theta_pred, t_pred, theta_canonical, t_canonical):
     Arrays: angles (n,) rad, translations (n, 2). Returns (theta_rel (n,), t_rel (n, 2)).
     """
     theta_rel = np.asarray(theta_pred, np.float64) - np.asarray(theta_canonical, np.float64)
-    t0 = np.asarray(t_canonical, np.float64).reshape(-1, 2)
-    cos, sin = np.cos(-theta_rel), np.sin(-theta_rel)
-    rotated_t0 = np.stack([cos * t0[:, 0] - sin * t0[:, 1], sin * t0[:, 0] + cos * t0[:, 1]], axis=1)
+    rotated_t0 = rotate(np.asarray(t_canonical, np.float64).reshape(-1, 2), -theta_rel)
     return theta_rel, np.asarray(t_pred, np.float64).reshape(-1, 2) - rotated_t0
 
 
@@ -86,10 +81,7 @@ def pose_scores_per_object(theta_true, t_true, theta_pred, t_pred, labels):
 
 def _template_offset(theta, residual):
     """Least-squares t0 in residual = R(-theta) t0."""
-    cos, sin = np.cos(theta), np.sin(theta)
-    design = np.zeros((2 * len(theta), 2))
-    design[0::2] = np.stack([cos, sin], 1)
-    design[1::2] = np.stack([-sin, cos], 1)
+    design = rotation_matrix(-theta).reshape(-1, 2)
     return np.linalg.lstsq(design, residual.reshape(-1), rcond=None)[0]
 
 
@@ -108,29 +100,6 @@ def pearson(a, b):
     da, db = a - a.mean(), b - b.mean()
     with np.errstate(invalid="ignore", divide="ignore"):
         return float(np.sum(da * db) / np.sqrt(np.sum(da**2) * np.sum(db**2)))
-
-
-def cluster(z, k, method="ward", seed=0):
-    """Cluster semantic latents z (n, d) into k groups; returns integer labels (n,).
-
-    'ward' is the agglomerative clustering the paper uses (section 4.3); its memory grows with n^2, so
-    larger sets must use 'kmeans' (k-means with 10 restarts, reproducible with ``seed``).
-    """
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"z must be (n, d); got shape {z.shape}")
-    if not 1 <= k <= len(z):
-        raise UsageError(f"cannot make {k} clusters from {len(z)} points")
-    if method == "ward":
-        if len(z) > WARD_MAX_POINTS:
-            raise UsageError(
-                f"Ward clustering of {len(z)} points needs about {4 * len(z) ** 2 / 1e9:.0f} GB of memory "
-                f"(limit {WARD_MAX_POINTS} points); use k-means or a subset"
-            )
-        return AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(z)
-    if method == "kmeans":
-        return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(z)
-    raise UsageError(f"unknown clustering method {method!r}; expected 'ward' or 'kmeans'")
 
 
 def clustering_accuracy(labels_true, labels_pred):

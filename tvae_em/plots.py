@@ -11,6 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tvae_em.io.atomic import atomic_path
+from tvae_em.io.columns import CONFIDENCE_COLUMN, ENTROPY_COLUMN, SYMMETRY_HINT_COLUMN, in_plane_pose_labels
 
 # Scatter plots of millions of particles are slow to draw and no more informative than a sample.
 MAX_SCATTER_POINTS = 50_000
@@ -111,6 +112,14 @@ def pose_figure(path, psi_deg, origin_x_angst, origin_y_angst, entropy_nats, loc
     hint_ax.set(xlabel="symmetry hint (cyclic order)", ylabel="particles")
     fig.suptitle(f"inferred poses of {len(psi_deg)} particles")
     save_figure(fig, path)
+
+
+def pose_columns_figure(path, columns):
+    """``pose_figure`` of the STAR columns ``tvae-em pose`` writes (a dict of arrays by label)."""
+    psi, origin_x, origin_y = (columns[name] for name in in_plane_pose_labels(columns))
+    pose_figure(path, psi_deg=psi, origin_x_angst=origin_x, origin_y_angst=origin_y,
+                entropy_nats=columns[ENTROPY_COLUMN], local_mass=columns[CONFIDENCE_COLUMN],
+                symmetry_hint=columns[SYMMETRY_HINT_COLUMN])
 
 
 def montage_figure(path, images, titles=None, columns=None, captions=None):

@@ -27,16 +27,23 @@ K equals F for every x exactly when psi = theta and o = -t (both in the same uni
     origin_angst     = origin_px * pixel_size
     particle centre  = (N//2 - originX / apix, N//2 - originY / apix) in (col, row).
 
-Every conversion below is vectorised over numpy arrays of particles.
+Every conversion below is vectorised over numpy arrays of particles, and every rotation of the project's numpy
+code is ``rotation_matrix`` / ``rotate``, so that the sign convention of R is written once.
 """
 
 import numpy as np
 from scipy import ndimage
 
 
-def _rotation(angle_rad: float) -> np.ndarray:
+def rotation_matrix(angle_rad) -> np.ndarray:
+    """R(a) = [[cos a, -sin a], [sin a, cos a]]: (2, 2) for one angle, (..., 2, 2) for an array of them."""
     c, s = np.cos(angle_rad), np.sin(angle_rad)
-    return np.array([[c, -s], [s, c]])
+    return np.stack([np.stack([c, -s], axis=-1), np.stack([s, c], axis=-1)], axis=-2)
+
+
+def rotate(points_xy, angle_rad) -> np.ndarray:
+    """R(a) p for points p (..., 2) as (x, y): by one angle, or by one angle per point (angles (...,))."""
+    return np.einsum("...ij,...j->...i", rotation_matrix(angle_rad), np.asarray(points_xy, dtype=np.float64))
 
 
 def wrap_degrees(angle_deg):
@@ -95,7 +102,7 @@ def apply_pose(canonical: np.ndarray, theta_rad, t_model) -> np.ndarray:
         poses = zip(canonical, thetas, shifts, strict=True)
         return np.stack([apply_pose(image, theta, t) for image, theta, t in poses])
     t_px = np.asarray(t_model, dtype=np.float64).reshape(2) * (canonical.shape[-1] / 2.0)
-    rot = _rotation(float(theta_rad))
+    rot = rotation_matrix(float(theta_rad))
     return _resample(canonical, rot, -rot @ t_px)
 
 
@@ -106,4 +113,4 @@ def align_image(image: np.ndarray, psi_deg: float, origin_x_angst: float, origin
     Composed into one resampling, K(x) = I(R(psi)^T x - o), so the image is interpolated only once.
     """
     origin_px = np.array([origin_x_angst, origin_y_angst], dtype=np.float64) / apix
-    return _resample(np.asarray(image), _rotation(np.radians(psi_deg)).T, -origin_px)
+    return _resample(np.asarray(image), rotation_matrix(np.radians(psi_deg)).T, -origin_px)

@@ -20,6 +20,7 @@ from tvae_em.checkpoint import load_model, run_files
 from tvae_em.device import resolve_device
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
+from tvae_em.io.columns import CLUSTER_COLUMN, RELION_POSE, latent_block, read_latents, z_columns
 from tvae_em.io.files import regular_file
 from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, one_optics_group, particle_pixel_sizes
 from tvae_em.io.stack import relion_path, write_stack
@@ -27,7 +28,6 @@ from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_
 from tvae_em.memory import FLOAT_BYTES, check_fits
 from tvae_em.poses import model_to_relion
 
-CLUSTER_COLUMN = "tvaeCluster"
 # A traversal without given points spans +-2 prior standard deviations of p(z) = N(0, I), the others at 0.
 PRIOR_SPAN_STD = 2.0
 # A traversal over given points spans these percentiles, so that a few outliers do not stretch it; the dimensions
@@ -35,12 +35,6 @@ PRIOR_SPAN_STD = 2.0
 GRID_PERCENTILES = (1.0, 99.0)
 CAPTION_DIMS = 3  # a montage panel's caption shows the first latent coordinates, up to this many
 STACK_NAME, STAR_NAME, MONTAGE_NAME = "rendered.mrcs", "rendered.star", "montage.png"
-
-
-def z_columns(z_dim: int, prefix: str = "tvaeZ") -> list[str]:
-    """STAR labels of the latent dimensions: tvaeZ01, tvaeZ02, ... (wider numbers for >= 100 dims)."""
-    width = max(2, len(str(z_dim)))
-    return [f"{prefix}{k:0{width}d}" for k in range(1, z_dim + 1)]
 
 
 def decode_at(model, z, theta_rad=None, t_model=None, batch_size=256) -> np.ndarray:
@@ -186,12 +180,11 @@ def cluster_centres(star_path, z_dim) -> Latents:
 
 def _latent_table(path, z_dim):
     star = read_star(path)
-    return star, _latent_block(star, z_dim)
+    return star, latent_block(star, z_dim)
 
 
 def _star_latents(star, block, z_dim) -> np.ndarray:
-    z = np.column_stack([numeric_column(star, block, name) for name in z_columns(z_dim)])
-    return _checked_latents(z, z_dim, star.path)
+    return _checked_latents(read_latents(star, block, z_dim), z_dim, star.path)
 
 
 def _uniform_pixel_size(star, block) -> float | None:
@@ -200,15 +193,6 @@ def _uniform_pixel_size(star, block) -> float | None:
         return None
     sizes = np.unique(particle_pixel_sizes(star, block))
     return float(sizes[0]) if len(sizes) == 1 else None
-
-
-def _latent_block(star, z_dim) -> str:
-    wanted = set(z_columns(z_dim))
-    for name, block in star.blocks.items():
-        if block.loop and wanted <= set(block.data.columns):
-            return name
-    raise InputError(star.path, f"no table with the {z_dim} latent columns _{z_columns(z_dim)[0]}.. of "
-                                f"this model (embed the particles with it first)")
 
 
 def _load_numpy(path) -> np.ndarray:
@@ -252,8 +236,8 @@ def rendered_star(source: Latents, theta_rad, t_model, box, apix, stack_name):
     k = len(source.z)
     psi_deg, origin_x, origin_y = model_to_relion(np.full(k, theta_rad), np.tile(t_model, (k, 1)), box, apix)
     particles = pd.DataFrame({"rlnImageName": [f"{i:06d}@{stack_name}" for i in range(1, k + 1)],
-                              "rlnOpticsGroup": np.ones(k, np.int64), "rlnAnglePsi": psi_deg,
-                              "rlnOriginXAngst": origin_x, "rlnOriginYAngst": origin_y})
+                              "rlnOpticsGroup": np.ones(k, np.int64),
+                              **dict(zip(RELION_POSE, (psi_deg, origin_x, origin_y), strict=True))})
     for name, values in zip(z_columns(source.z.shape[1]), source.z.T, strict=True):
         particles[name] = values
     if source.clusters is not None:

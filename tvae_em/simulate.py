@@ -17,18 +17,19 @@ Each ``make_*``/``simulate_*`` function returns a dict with ``images`` (n, N, N)
 ``labels`` (n,) int.
 """
 
-import gzip
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tvae_em.ctf import through_ctf
-from tvae_em.errors import InputError, UsageError
+from tvae_em.errors import UsageError
+from tvae_em.io.columns import TRUE_CLASS_COLUMN, TRUE_POSE, TRUE_TILT_COLUMN
+from tvae_em.io.mnist import MNIST_DIGIT_PX, mnist_split
 from tvae_em.io.relion import CTF_COLUMNS
 from tvae_em.io.stack import write_stack
 from tvae_em.io.star import new_relion31_star, write_star
-from tvae_em.poses import apply_pose, model_to_relion
+from tvae_em.poses import apply_pose, model_to_relion, rotate
 
 
 def pixel_grid_px(box):
@@ -53,81 +54,6 @@ def render_pose(canonical, theta_rad, t_model):
 
 
 # ---------------------------------------------------------------------------------------------- MNIST
-
-MNIST_DIGIT_PX = 28
-MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-_IDX_UBYTE = 0x08
-
-
-def load_mnist(directory, subset="t10k"):
-    """Read the standard MNIST IDX files (gzipped or plain) of ``subset`` 'train' or 't10k' from a folder.
-
-    Returns (images uint8 (n, 28, 28), labels int64 (n,)). Raises InputError naming the file when it is
-    missing, truncated or not an MNIST IDX file.
-    """
-    if subset not in MNIST_FILES:
-        raise UsageError(f"unknown MNIST subset {subset!r}; expected 'train' or 't10k'")
-    image_name, label_name = MNIST_FILES[subset]
-    images = _read_idx(_find_idx(directory, image_name), ndim=3)
-    labels = _read_idx(_find_idx(directory, label_name), ndim=1).astype(np.int64)
-    if images.shape[1:] != (MNIST_DIGIT_PX, MNIST_DIGIT_PX) or len(images) != len(labels):
-        raise InputError(directory, f"MNIST {subset} images {images.shape} but labels {labels.shape}")
-    return images, labels
-
-
-def has_mnist(directory, subset):
-    """True when ``directory`` holds the image and label files of MNIST ``subset`` (gzipped or plain)."""
-    return all(_idx_candidates(directory, name) for name in MNIST_FILES[subset])
-
-
-def _idx_candidates(directory, name):
-    return [p for p in (Path(directory) / name, Path(directory) / f"{name}.gz") if p.is_file()]
-
-
-def _find_idx(directory, name):
-    found = _idx_candidates(directory, name)
-    if not found:
-        raise InputError(directory, f"no MNIST file {name} or {name}.gz")
-    return found[0]
-
-
-def _read_idx(path, ndim):
-    """Parse an IDX file: 4-byte magic (0, 0, dtype, ndim), ndim big-endian uint32 sizes, then the data."""
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as err:
-        raise InputError(path, f"cannot read MNIST IDX file ({err})") from None
-    header_bytes = 4 + 4 * ndim
-    if len(raw) < header_bytes or raw[:4] != bytes([0, 0, _IDX_UBYTE, ndim]):
-        raise InputError(path, f"not an MNIST IDX file of {ndim}-D unsigned bytes")
-    shape = tuple(int(s) for s in np.frombuffer(raw[4:header_bytes], dtype=">u4"))
-    if len(raw) != header_bytes + int(np.prod(shape)):
-        raise InputError(path, f"truncated or oversized: header says {shape}, file has {len(raw)} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
-
-
-def mnist_split(directory, split, n_holdout=1000):
-    """Digits and labels of the 'train' or 'test' split.
-
-    With the 60,000-digit training file present this is the paper's split (train = train-*, test =
-    t10k-*). With only the 10,000 t10k digits, train is the first 10,000 - ``n_holdout`` of them and test
-    the last ``n_holdout``.
-    """
-    if split not in ("train", "test"):
-        raise UsageError(f"unknown split {split!r}; expected 'train' or 'test'")
-    if has_mnist(directory, "train"):
-        return load_mnist(directory, "train" if split == "train" else "t10k")
-    images, labels = load_mnist(directory, "t10k")
-    if not 0 < n_holdout < len(images):
-        raise UsageError(f"held-out count {n_holdout} must lie between 1 and {len(images) - 1}")
-    cut = len(images) - n_holdout
-    return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
-
 
 def make_mnist_variant(images, labels, variant, size=50, seed=0, shift_std_px=5.0):
     """MNIST(N) or MNIST(U) of section 4.2 from 28 x 28 digits.
@@ -269,10 +195,8 @@ PARTICLE_OBJECTS = (
 
 def _swing(blobs, hinge_xy, angle_deg):
     """The blobs turned by ``angle_deg`` about the z axis through ``hinge_xy`` (a domain moving on a hinge)."""
-    angle = np.radians(angle_deg)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     moved = blobs.copy()
-    moved[:, :2] = (blobs[:, :2] - hinge_xy) @ rotation.T + hinge_xy
+    moved[:, :2] = rotate(blobs[:, :2] - hinge_xy, np.radians(angle_deg)) + hinge_xy
     return moved
 
 
@@ -408,14 +332,12 @@ def truth_columns(data, apix):
     _tvaeTruePsi (deg), _tvaeTrueOriginX/YAngst, _tvaeTrueClass, and _tvaeTrueTilt (deg) when known."""
     box = data["images"].shape[-1]
     psi_deg, origin_x_angst, origin_y_angst = model_to_relion(data["theta"], data["t_model"], box, apix)
-    columns = {  # adding 0.0 turns -0.0 (from a zero shift) into 0.0 in the text
-        "tvaeTruePsi": psi_deg + 0.0,
-        "tvaeTrueOriginXAngst": origin_x_angst + 0.0,
-        "tvaeTrueOriginYAngst": origin_y_angst + 0.0,
-        "tvaeTrueClass": np.asarray(data["labels"], dtype=np.int64),
-    }
+    # adding 0.0 turns -0.0 (from a zero shift) into 0.0 in the text
+    columns = {label: values + 0.0 for label, values in zip(TRUE_POSE, (psi_deg, origin_x_angst, origin_y_angst),
+                                                             strict=True)}
+    columns[TRUE_CLASS_COLUMN] = np.asarray(data["labels"], dtype=np.int64)
     if "tilt_deg" in data:
-        columns["tvaeTrueTilt"] = data["tilt_deg"]
+        columns[TRUE_TILT_COLUMN] = data["tilt_deg"]
     return pd.DataFrame(columns)
 
 

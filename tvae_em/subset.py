@@ -7,9 +7,9 @@ cell its text, and the optics table and any other block are kept whole. A RELION
 converted as ``io.relion.to_relion31`` does, which needs its stacks for the box size; a 3.1 file needs only
 itself.
 
-Which column holds the classes (``class_column``) is shared with ``tvae-em averages``, so that the class numbers
-of the averages are the ones a subset selects: by default ``_tvaeCluster`` (the clusters of ``tvae-em embed
---clusters``) when the table has it, else RELION's ``_rlnClassNumber``.
+Which column holds the classes (``io.columns.class_column``) is shared with ``tvae-em averages``, so that the
+class numbers of the averages are the ones a subset selects: by default ``_tvaeCluster`` (the clusters of ``tvae-em
+embed --clusters``) when the table has it, else RELION's ``_rlnClassNumber``.
 """
 
 import re
@@ -18,46 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from tvae_em.errors import InputError, UsageError
-from tvae_em.infer import CLASS_COLUMN
 from tvae_em.io.atomic import refuse_overwriting
+from tvae_em.io.columns import LATENT_PREFIX, class_column, class_numbers, latent_labels
 from tvae_em.io.indices import read_row_indices
 from tvae_em.io.stack import open_particles, particle_file_kind
 from tvae_em.io.star import StarFile, numeric_column, particles_block, read_star, write_star
-from tvae_em.render import CLUSTER_COLUMN
 
 _INTEGER_RE = re.compile(r"[+-]?\d+")
-_LATENT_RE = re.compile(r"tvaeZ(\d+)")
 
 
 # --- classes ------------------------------------------------------------------------------------------------
-
-def class_column(star: StarFile, block: str, requested: str | None = None) -> str:
-    """The label (without '_') of the column that holds the particles' classes: ``requested`` (with or without
-    its leading underscore), else ``_tvaeCluster`` when present, else ``_rlnClassNumber``; InputError naming the
-    file and the column when it is missing."""
-    columns = star[block].columns
-    if requested is not None:
-        label = requested.lstrip("_")
-        if label not in columns:
-            raise InputError(star.path, f"data_{block} has no _{label} column")
-        return label
-    for label in (CLUSTER_COLUMN, CLASS_COLUMN):
-        if label in columns:
-            return label
-    raise InputError(star.path, f"data_{block} has no _{CLASS_COLUMN} or _{CLUSTER_COLUMN} column (classes: "
-                                "cluster the particles with 'tvae-em embed --clusters K' first)")
-
-
-def class_numbers(star: StarFile, block: str, label: str) -> np.ndarray:
-    """Column ``label`` as int64 class numbers; InputError naming the first row that holds no integer."""
-    values = numeric_column(star, block, label)
-    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
-    if bad.size:
-        row = int(bad[0])
-        raise InputError(star.path, f"data_{block} row {row + 1}: _{label} {star[block][label].iloc[row]!r} is "
-                                    "not a class number (an integer)")
-    return values.astype(np.int64)
-
 
 def parse_classes(text: str) -> list[int]:
     """'1,3,5-7' -> [1, 3, 5, 6, 7]; UsageError for anything else."""
@@ -95,13 +65,11 @@ def parse_z_range(text: str) -> tuple[int, float, float]:
 
 def in_latent_range(star: StarFile, block: str, dim: int, low: float, high: float) -> np.ndarray:
     """Whether each particle's latent coordinate ``dim`` (1-based, column _tvaeZ<dim>) lies in [low, high]."""
-    labels = [label for label in star[block].columns if (found := _LATENT_RE.fullmatch(label))
-              and int(found[1]) == dim]
-    if not labels:
-        dims = sum(bool(_LATENT_RE.fullmatch(label)) for label in star[block].columns)
-        raise InputError(star.path, f"data_{block} has no _tvaeZ{dim:02d} column (it has {dims} latent "
-                                    "dimensions; 'tvae-em embed' writes them)")
-    z = numeric_column(star, block, labels[0])
+    labels = latent_labels(star[block].columns)
+    if dim not in labels:
+        raise InputError(star.path, f"data_{block} has no _{LATENT_PREFIX}{dim:02d} column (it has {len(labels)} "
+                                    "latent dimensions; 'tvae-em embed' writes them)")
+    z = numeric_column(star, block, labels[dim])
     return (z >= low) & (z <= high)
 
 
