@@ -1,6 +1,7 @@
 """The CTF: values against an independent computation, RELION's astigmatism convention, the STAR columns it is
 read from (RELION 3.1 and 3.0 layouts), and its place in the model and in training."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,7 +14,8 @@ from tvae_em.checkpoint import load_model
 from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.ctf import ctf_mode
 from tvae_em.errors import InputError, UsageError
-from tvae_em.io.relion import CTF_COLUMNS, ctf_parameters, to_relion31
+from tvae_em.io.particles import ParticleTable
+from tvae_em.io.relion import CTF_COLUMNS
 from tvae_em.io.stack import ArrayParticles, open_particles, write_stack
 from tvae_em.io.star import new_relion31_star, read_star, write_star
 from tvae_em.model import TargetVAE
@@ -140,10 +142,11 @@ def test_missing_or_impossible_ctf_values_name_the_file_and_the_column(tmp_path)
                  optics)
     with pytest.raises(InputError, match=f"{path}: no _rlnSphericalAberration column"):
         _ = open_particles(path).ctf
-    star = to_relion31(read_star(path), 16, None)
-    star = star.replace("optics", star["optics"].assign(rlnSphericalAberration="2.7", rlnAmplitudeContrast="1.5"))
+    table = ParticleTable.from_star(read_star(path), 16, None)
+    star = table.star.replace("optics", table.star["optics"].assign(rlnSphericalAberration="2.7",
+                                                                   rlnAmplitudeContrast="1.5"))
     with pytest.raises(InputError, match="particle row 1: CTF values out of range"):
-        ctf_parameters(star, "particles")
+        _ = dataclasses.replace(table, star=star).ctf
 
 
 def test_ctf_requests_resolve_from_the_particles(capsys):

@@ -7,7 +7,7 @@ import pytest
 import starfile
 
 from tvae_em.errors import InputError
-from tvae_em.io.relion import particle_pixel_sizes, to_relion31
+from tvae_em.io.particles import ParticleTable
 from tvae_em.io.star import new_relion31_star, numeric_column, particles_block, read_star, write_star
 
 OPTICS_31 = """
@@ -127,7 +127,8 @@ def test_replacing_an_existing_column_keeps_its_position(tmp_path):
 
 def test_relion30_becomes_an_optics_table_like_relion(tmp_path):
     source = write_text(tmp_path, "in30.star", STAR_30)
-    star = to_relion31(read_star(source), box=64, header_pixel_size=9.9)
+    table = ParticleTable.from_star(read_star(source), box=64, header_pixel_size=9.9)
+    star = table.star
     assert list(star.blocks) == ["optics", "particles"]
     optics = star["optics"]
     assert list(optics.columns) == ["rlnOpticsGroup", "rlnOpticsGroupName", "rlnAmplitudeContrast",
@@ -144,7 +145,7 @@ def test_relion30_becomes_an_optics_table_like_relion(tmp_path):
     assert particles["rlnOpticsGroup"].tolist() == ["1", "1", "2", "1"]
     np.testing.assert_allclose(numeric_column(star, "particles", "rlnOriginXAngst"),
                                np.array([-3.30401, 2.0, 0.0, 0.5]) * 1.4, atol=1e-6)
-    np.testing.assert_allclose(particle_pixel_sizes(star, "particles"), 1.4)
+    np.testing.assert_allclose(table.pixel_sizes, 1.4)
 
     write_star(tmp_path / "out.star", star, pd.DataFrame({"tvaeZ01": np.arange(4.0)}))
     before, after = starfile_blocks(source)[""], starfile_blocks(tmp_path / "out.star")
@@ -157,15 +158,16 @@ def test_relion30_becomes_an_optics_table_like_relion(tmp_path):
 def test_relion30_pixel_size_fallbacks(tmp_path):
     bare = STAR_30.replace("_rlnMagnification #6\n_rlnDetectorPixelSize #7\n", "").replace(
         " 100000.000000 14.000000", "")
-    star = to_relion31(read_star(write_text(tmp_path, "bare.star", bare)), 64, header_pixel_size=2.5)
-    np.testing.assert_allclose(particle_pixel_sizes(star, "particles"), 2.5)
-    np.testing.assert_allclose(numeric_column(star, "particles", "rlnOriginYAngst")[0], 1.5 * 2.5)
+    table = ParticleTable.from_star(read_star(write_text(tmp_path, "bare.star", bare)), 64, header_pixel_size=2.5)
+    np.testing.assert_allclose(table.pixel_sizes, 2.5)
+    np.testing.assert_allclose(numeric_column(table.star, "particles", "rlnOriginYAngst")[0], 1.5 * 2.5)
     with pytest.warns(UserWarning, match="no pixel size"):
-        star = to_relion31(read_star(tmp_path / "bare.star"), 64, header_pixel_size=0.0)
-    np.testing.assert_allclose(particle_pixel_sizes(star, "particles"), 1.0)
+        table = ParticleTable.from_star(read_star(tmp_path / "bare.star"), 64, header_pixel_size=0.0)
+    np.testing.assert_allclose(table.pixel_sizes, 1.0)
     with_pixel_size = bare.replace("_rlnGroupNumber #12", "_rlnGroupNumber #12\n_rlnPixelSize #13").replace(
         " 1\n", " 1 1.25\n").replace(" 2\n", " 2 1.25\n")
-    star = to_relion31(read_star(write_text(tmp_path, "px.star", with_pixel_size)), 64, header_pixel_size=9.0)
+    star = ParticleTable.from_star(read_star(write_text(tmp_path, "px.star", with_pixel_size)), 64,
+                                   header_pixel_size=9.0).star
     assert star["optics"]["rlnImagePixelSize"].tolist() == ["1.25", "1.25"]
     assert "rlnPixelSize" not in star["particles"]
 
@@ -239,14 +241,14 @@ def test_semantic_errors_name_file_and_problem(tmp_path):
         particles_block(no_names)
     undefined = (OPTICS_31 + PARTICLES_31).replace("1 3.763459e+05 1", "7 3.763459e+05 1")
     with pytest.raises(InputError, match=r"undefined.star: data_particles row 1: optics group 7 not defined"):
-        to_relion31(read_star(write_text(tmp_path, "undefined.star", undefined)), 64, None)
+        ParticleTable.from_star(read_star(write_text(tmp_path, "undefined.star", undefined)), 64, None)
     with pytest.raises(InputError, match=r"_rlnImageSize 64 but the stacks hold 32x32"):
-        to_relion31(read_star(write_text(tmp_path, "ok.star", OPTICS_31 + PARTICLES_31)), 32, None)
+        ParticleTable.from_star(read_star(write_text(tmp_path, "ok.star", OPTICS_31 + PARTICLES_31)), 32, None)
     for name, pixel_size in [("zero", "0.000000"), ("nan", "nan"), ("inf", "inf"), ("minf", "-inf")]:
         bad_pixel = (OPTICS_31 + PARTICLES_31).replace("0.100000 3.540000 64", f"0.100000 {pixel_size} 64")
         with pytest.raises(InputError, match=rf"{name}.star: data_optics row 2: _rlnImagePixelSize "
                                              rf"'{pixel_size}' is not a positive finite number"):
-            to_relion31(read_star(write_text(tmp_path, f"{name}.star", bad_pixel)), 64, None)
+            ParticleTable.from_star(read_star(write_text(tmp_path, f"{name}.star", bad_pixel)), 64, None)
     garbage = (OPTICS_31 + PARTICLES_31).replace("30876.811323", "thirty")
     with pytest.raises(InputError, match=r"data_particles row 1: _rlnDefocusU 'thirty' is not a number"):
         numeric_column(read_star(write_text(tmp_path, "garbage.star", garbage)), "particles", "rlnDefocusU")
@@ -257,4 +259,4 @@ def test_semantic_errors_name_file_and_problem(tmp_path):
 def test_warning_free_on_a_clean_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        to_relion31(read_star(write_text(tmp_path, "clean.star", OPTICS_31 + PARTICLES_31)), 64, None)
+        ParticleTable.from_star(read_star(write_text(tmp_path, "clean.star", OPTICS_31 + PARTICLES_31)), 64, None)

@@ -66,7 +66,7 @@ def average_classes(particles, classes, psi_deg, origin_angst, apix, ctf_params=
     aligned by their RELION poses (module docstring).
 
     ``classes`` (n,) class numbers; ``psi_deg`` (n,); ``origin_angst`` (n, 2) x, y; ``apix`` (n,) Å per pixel;
-    ``ctf_params`` (n, ctf.N_COLUMNS) as ``relion.ctf_parameters`` gives them, for a Wiener average (None: the
+    ``ctf_params`` (n, ctf.N_COLUMNS) as ``ParticleTable.ctf`` gives them, for a Wiener average (None: the
     plain aligned mean); ``ctf_flipped`` for images multiplied by the sign of their CTF already. Images are read
     ``batch_size`` at a time, so memory holds one batch and the sums.
     """

@@ -17,7 +17,7 @@ defocus dU holds along that direction, dV across it. The astigmatism belongs to 
 with the particle's in-plane pose, which is why the model multiplies the posed generator image, not the
 canonical one, by the CTF.
 
-The parameters are read from the STAR file by ``io.relion.ctf_parameters``; the CTF is evaluated at each
+The parameters are read from the STAR file by ``io.particles.ParticleTable.ctf``; the CTF is evaluated at each
 particle's image pixel size (after ``preprocess -D``, the new one) on the box of the images it applies to.
 """
 

@@ -30,10 +30,11 @@ from tvae_em import console, ctf
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
 from tvae_em.io.mrc import StackWriter
+from tvae_em.io.particles import ParticleTable
 from tvae_em.io.picks import PickedBoxes, match_micrographs, read_picks
 from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, PHASE_FLIPPED, one_optics_group
 from tvae_em.io.stack import image_names, open_particles, relion_path
-from tvae_em.io.star import StarFile, format_values, new_relion31_star, numeric_column, write_star
+from tvae_em.io.star import StarFile, format_values, new_relion31_star, write_star
 
 NORMALIZE_MODES = ("particle", "stack", "none")
 STACK_STATS_SAMPLE = 2000
@@ -183,7 +184,7 @@ def preprocess_star(star_path, out_dir, box: int | None = None, normalize: str =
         pipeline.fit_stack(particles, chunk_size)
     with atomic_paths(star_out, stack_out) as (star_tmp, stack_tmp):
         _stream(particles, pipeline, stack_tmp, float(particles.pixel_sizes[0]) * scale, chunk_size)
-        write_star(star_tmp, _restacked(particles.table, particles.block, stack_out, out_box, scale, phase_flip))
+        write_star(star_tmp, _restacked(particles.particle_table, stack_out, out_box, scale, phase_flip))
     return star_out
 
 
@@ -198,19 +199,18 @@ def _flip_ctf(particles, scale: float) -> np.ndarray:
     return params
 
 
-def _restacked(table: StarFile, block: str, stack_path: Path, out_box: int, scale: float,
+def _restacked(table: ParticleTable, stack_path: Path, out_box: int, scale: float,
                phase_flipped: bool = False) -> StarFile:
-    rows = table[block].copy()
+    rows = table.star[table.block].copy()
     rows["tvaeSourceImageName"] = rows["rlnImageName"]
     rows["rlnImageName"] = image_names(len(rows), stack_path)
-    optics = table["optics"].copy()
+    optics = table.star["optics"].copy()
     if scale != 1:
-        apix = numeric_column(table, "optics", "rlnImagePixelSize")
-        optics["rlnImagePixelSize"] = format_values(apix * scale)
+        optics["rlnImagePixelSize"] = format_values(table.optics_pixel_sizes * scale)
     optics["rlnImageSize"] = str(out_box)
     if phase_flipped:
         optics[PHASE_FLIPPED] = "1"
-    return table.replace(block, rows).replace("optics", optics)
+    return table.star.replace(table.block, rows).replace("optics", optics)
 
 
 def preprocess_picks(picks_path, micrographs_glob: str, box: int, out_dir, threshold: float | None = None,

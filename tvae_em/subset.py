@@ -4,7 +4,7 @@ files do.
 
 Every criterion given narrows the selection (they combine as 'and'); the rows keep their input order and every
 cell its text, and the optics table and any other block are kept whole. A RELION 3.0 file (no optics table) is
-converted as ``io.relion.to_relion31`` does, which needs its stacks for the box size; a 3.1 file needs only
+converted as ``io.particles.ParticleTable`` does, which needs its stacks for the box size; a 3.1 file needs only
 itself.
 
 Which column holds the classes (``io.columns.class_column``) is shared with ``tvae-em averages``, so that the

@@ -1,17 +1,19 @@
 """Particle images referenced by a STAR file, a cryoSPARC .cs file or one plain MRCS stack, read lazily in index
-order.
+order, and the particle sources training and inference read (``ParticleSource``: ``Particles`` from files,
+``ArrayParticles`` from memory). What the STAR file's rows mean is parsed once, into ``io.particles.ParticleTable``;
+this module holds only the images.
 
-``open_particles`` checks everything that can be checked cheaply before any work starts (every stack
-exists, every index is within its stack, all boxes are square and equal) and raises InputError naming the
-file, the row and the problem.  ``Particles.read`` then serves batches: requested rows are sorted and read
-as contiguous runs (``mrc.read_sections``), so a shuffled batch costs one small read per image and a
-sequential chunk one read per stack file, and memory holds the batch, never the stacks.
+``open_particles`` finds the stacks (``--datadir``) and checks everything that can be checked cheaply before any
+work starts (every stack exists, every index is within its stack, all boxes are square and equal) and raises
+InputError naming the file, the row and the problem.  ``Particles.read`` then serves batches: requested rows are
+sorted and read as contiguous runs (``mrc.read_sections``), so a shuffled batch costs one small read per image and
+a sequential chunk one read per stack file, and memory holds the batch, never the stacks.
 """
 
-import functools
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -22,17 +24,37 @@ from tvae_em.io.cryosparc import CSDAT_MAGIC, NUMPY_MAGIC, read_cryosparc
 from tvae_em.io.files import regular_file
 from tvae_em.io.indices import read_row_indices
 from tvae_em.io.mrc import MrcHeader, looks_like_mrc, read_mrc_header, read_sections, warn_unstamped, write_stack
-from tvae_em.io.relion import ctf_parameters, ctf_phase_flipped, has_ctf, particle_pixel_sizes, to_relion31
+from tvae_em.io.particles import ParticleImages, ParticleTable, parse_image_names
 from tvae_em.io.star import StarFile, image_name_texts, new_relion31_star, particles_block, read_star, starts_like_star
 
-__all__ = ["ArrayParticles", "Particles", "image_names", "open_particles", "particle_file_kind", "relion_path",
-           "write_stack"]
+__all__ = ["ArrayParticles", "ParticleSource", "Particles", "image_names", "open_particles", "particle_file_kind",
+           "relion_path", "write_stack"]
 _OPEN_FILES = 64  # stacks kept open at once
-_INDEX_DIGITS = 18  # image indices have at most this many digits (int64 holds every 18-digit number)
+
+
+class ParticleSource(Protocol):
+    """What training, inference and averaging read particles from: ``Particles`` (files) or ``ArrayParticles``
+    (memory). ``ctf``: (n, ctf.N_COLUMNS) parameters as ``ParticleTable.ctf`` gives them, or None; ``ctf_flipped``:
+    whether the images were multiplied by the sign of their CTF."""
+
+    @property
+    def box(self) -> int: ...
+
+    @property
+    def ctf(self) -> np.ndarray | None: ...
+
+    @property
+    def ctf_flipped(self) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices) -> np.ndarray:
+        """Images of rows ``indices`` (0-based, any order, repeats allowed) as float32 (k, N, N)."""
+        ...
 
 
 class Particles:
-    """N x N particle images with their RELION 3.1 table.
+    """N x N particle images with their RELION 3.1 table (``particle_table``, parsed once).
 
     ``table`` is the StarFile to write results back with (``block`` names its particles table),
     ``pixel_sizes`` the per-particle pixel size in Angstrom and ``pixel_size`` the same as one float when
@@ -42,13 +64,12 @@ class Particles:
 
     rows: np.ndarray | None = None
 
-    def __init__(self, table: StarFile, block: str, headers: list[MrcHeader], stack_id: np.ndarray,
-                 slice_index: np.ndarray):
+    def __init__(self, particle_table: ParticleTable, headers: list[MrcHeader], stack_id: np.ndarray):
         self._files: OrderedDict[int, object] = OrderedDict()  # first: __del__ closes them after any failure
-        self.table, self.block, self._headers = table, block, headers
-        self._stack_id, self._slice = stack_id, slice_index
+        self.particle_table, self._headers, self._stack_id = particle_table, headers, stack_id
+        self._slice = particle_table.images.numbers - 1
         self.box = headers[0].shape[1]
-        self.pixel_sizes = particle_pixel_sizes(table, block)
+        self.pixel_sizes = particle_table.pixel_sizes
         uniform = np.all(self.pixel_sizes == self.pixel_sizes[0])
         self.pixel_size = float(self.pixel_sizes[0]) if uniform else self.pixel_sizes
 
@@ -58,23 +79,30 @@ class Particles:
     def __getstate__(self):
         return {**self.__dict__, "_files": OrderedDict()}
 
-    @functools.cached_property
+    @property
+    def table(self) -> StarFile:
+        return self.particle_table.star
+
+    @property
+    def block(self) -> str:
+        return self.particle_table.block
+
+    @property
     def ctf(self) -> np.ndarray | None:
-        """Every particle's CTF parameters and pixel size (``relion.ctf_parameters``); None without defocus
-        values. InputError naming the STAR file when a parameter the CTF needs is missing or out of range."""
-        return ctf_parameters(self.table, self.block) if has_ctf(self.table, self.block) else None
+        """Every particle's CTF parameters and pixel size (``ParticleTable.ctf``); None without defocus values.
+        InputError naming the STAR file when a parameter the CTF needs is missing or out of range."""
+        return self.particle_table.ctf
 
     @property
     def ctf_flipped(self) -> bool:
         """Whether the images were multiplied by the sign of their CTF (``preprocess --phase-flip``)."""
-        return ctf_phase_flipped(self.table, self.block)
+        return self.particle_table.ctf_flipped
 
     def subset(self, rows) -> "Particles":
         """The particles of table rows ``rows`` (0-based, increasing) on their own: their table holds only those
         rows (the optics and any other block kept whole), and its ``rows`` say which rows of the file they are."""
         rows = np.asarray(rows, dtype=np.int64)
-        table = self.table.replace(self.block, self.table[self.block].iloc[rows].reset_index(drop=True))
-        chosen = Particles(table, self.block, self._headers, self._stack_id[rows], self._slice[rows])
+        chosen = Particles(self.particle_table.subset(rows), self._headers, self._stack_id[rows])
         chosen.rows = rows if self.rows is None else self.rows[rows]
         return chosen
 
@@ -126,9 +154,9 @@ class Particles:
 
 
 class ArrayParticles:
-    """Images held in memory, (n, N, N), served like ``Particles`` to training and inference (``len()``, ``box``,
-    ``read(indices)``, ``ctf``, ``ctf_flipped``): for tests, benchmarks and notebooks, without files. ``ctf``:
-    (n, len(relion.CTF_COLUMNS) + 1) parameters as ``relion.ctf_parameters`` gives them, or None."""
+    """The in-memory ``ParticleSource``: images (n, N, N) held as float32, served like ``Particles`` to training
+    and inference, for tests, benchmarks and notebooks, without files. ``ctf``: (n, ctf.N_COLUMNS) parameters as
+    ``ParticleTable.ctf`` gives them, or None."""
 
     def __init__(self, images, ctf: np.ndarray | None = None, ctf_flipped: bool = False):
         self.images = np.ascontiguousarray(images, dtype=np.float32)
@@ -145,7 +173,7 @@ class ArrayParticles:
 def open_particles(path, datadir=None, pixel_size: float | None = None, indices_file=None) -> Particles:
     """Open a STAR file (RELION 3.0-5.0), a cryoSPARC .cs file (``cryosparc.read_cryosparc``) or a plain MRC/MRCS
     stack, validating all references; ``pixel_size`` (Angstrom) replaces the one of the STAR/.cs file or the stack
-    headers (``relion.to_relion31``). A .cs file's image names become the paths of the stacks found.
+    headers (``ParticleTable.from_star``). A .cs file's image names become the paths of the stacks found.
     ``indices_file`` (cryoDRGN's ``--ind``, ``io.indices.read_row_indices``) keeps only the particles of the
     0-based rows it lists, in file order (``Particles.subset``); InputError naming it when it lists none or a row
     the file lacks."""
@@ -164,22 +192,21 @@ def _open_all(path: Path, datadir, pixel_size: float | None) -> Particles:
         return _open_plain_stack(path, pixel_size)
     star = read_cryosparc(path) if kind == "cs" else read_star(path)
     block = particles_block(star)
-    names = star[block]["rlnImageName"]
-    if names.empty:
+    if star[block].empty:
         raise InputError(path, f"data_{block} lists no particles")
-    index, stack_names = _parse_image_names(star, block, names)
-    stack_id, unique_names = pd.factorize(stack_names)
+    images = parse_image_names(star, block)
+    stack_id, unique_names = pd.factorize(images.stacks)
     hint = "give the cryoSPARC project directory with --datadir" if kind == "cs" else "see --datadir"
     resolver = _Resolver(path, Path(datadir) if datadir else None, hint)
     first_rows = np.unique(stack_id, return_index=True)[1]
     headers = [read_mrc_header(resolver.resolve(name, int(row)))
                for name, row in zip(unique_names, first_rows, strict=True)]
-    _check_stacks(star, block, headers, list(unique_names), stack_id, index)
+    _check_stacks(star, block, headers, list(unique_names), stack_id, images.numbers)
     warn_unstamped(headers)
     if kind == "cs":
-        star = _named_by_found_stacks(star, block, index, stack_id, headers)
-    table = to_relion31(star, headers[0].shape[1], headers[0].pixel_size, pixel_size)
-    return Particles(table, particles_block(table), headers, stack_id.astype(np.int32), index - 1)
+        star, images = _named_by_found_stacks(star, block, images, stack_id, headers)
+    table = ParticleTable.from_star(star, headers[0].shape[1], headers[0].pixel_size, pixel_size, images)
+    return Particles(table, headers, stack_id.astype(np.int32))
 
 
 def particle_file_kind(path) -> str:
@@ -202,12 +229,13 @@ def particle_file_kind(path) -> str:
                            f"cryoSPARC .cs file (it begins {head[:16]!r})")
 
 
-def _named_by_found_stacks(star: StarFile, block: str, index: np.ndarray, stack_id: np.ndarray,
-                           headers: list[MrcHeader]) -> StarFile:
+def _named_by_found_stacks(star: StarFile, block: str, images: ParticleImages, stack_id: np.ndarray,
+                           headers: list[MrcHeader]) -> tuple[StarFile, ParticleImages]:
     """``star`` with each rlnImageName naming the stack found for it (``relion_path``), so that the STAR files
-    written from it are read without the cryoSPARC project directory."""
+    written from it are read without the cryoSPARC project directory, and the images it names so."""
     found = np.array([relion_path(header.path) for header in headers], dtype=object)
-    return star.replace(block, star[block].assign(rlnImageName=image_name_texts(index, found[stack_id])))
+    named = ParticleImages(images.numbers, found[stack_id])
+    return star.replace(block, star[block].assign(rlnImageName=image_name_texts(*named))), named
 
 
 def _open_plain_stack(path: Path, pixel_size: float | None) -> Particles:
@@ -216,39 +244,14 @@ def _open_plain_stack(path: Path, pixel_size: float | None) -> Particles:
     count, rows, cols = header.shape
     if rows != cols:
         raise InputError(path, f"images are {cols}x{rows}, not square")
-    absolute = os.path.abspath(path)
+    images = ParticleImages(np.arange(1, count + 1), np.full(count, os.path.abspath(path), dtype=object))
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"]})
-    particles = pd.DataFrame({"rlnImageName": [f"{i:06d}@{absolute}" for i in range(1, count + 1)],
+    particles = pd.DataFrame({"rlnImageName": image_name_texts(*images),
                               "rlnOpticsGroup": np.ones(count, dtype=np.int64)})
-    table = new_relion31_star(optics, particles)
-    table.path = path  # names the stack in messages about the table
-    table = to_relion31(table, cols, header.pixel_size, pixel_size)
-    return Particles(table, "particles", [header], np.zeros(count, dtype=np.int32), np.arange(count))
-
-
-def _parse_image_names(star: StarFile, block: str, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """'000012@Extract/x.mrcs' -> (12, 'Extract/x.mrcs'); a name without '@' is image 1 of that file."""
-    parts = names.str.partition("@")
-    has_at = (parts[1] == "@").to_numpy()
-    index_text = parts[0].where(has_at, "1")
-    stack_names = parts[2].where(has_at, parts[0]).to_numpy(dtype=object)
-    not_digits = np.flatnonzero(~index_text.str.fullmatch(r"\d+").to_numpy(dtype=bool) | (stack_names == ""))
-    if not_digits.size:
-        row = int(not_digits[0])
-        raise InputError(star.path, f"data_{block} row {row + 1}: bad _rlnImageName {names.iloc[row]!r} "
-                         "(expected index@stack)")
-    too_large = np.flatnonzero(index_text.str.lstrip("0").str.len().to_numpy() > _INDEX_DIGITS)
-    if too_large.size:
-        row = int(too_large[0])
-        raise InputError(star.path, f"data_{block} row {row + 1}: image index in {names.iloc[row]!r} is "
-                         "beyond any stack")
-    index = index_text.astype(np.int64).to_numpy()
-    zero = np.flatnonzero(index < 1)
-    if zero.size:
-        row = int(zero[0])
-        raise InputError(star.path, f"data_{block} row {row + 1}: image index 0 in {names.iloc[row]!r} "
-                         "(RELION counts images from 1)")
-    return index, stack_names
+    star = new_relion31_star(optics, particles)
+    star.path = path  # names the stack in messages about the table
+    table = ParticleTable.from_star(star, cols, header.pixel_size, pixel_size, images)
+    return Particles(table, [header], np.zeros(count, dtype=np.int32))
 
 
 class _Resolver:
