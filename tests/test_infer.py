@@ -14,7 +14,7 @@ from tiny_run import BOX, TINY, save_run
 from tvae_em import checkpoint, clustering, encode, infer, pose_quality, shards
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.columns import RELION_POSE
-from tvae_em.io.stack import open_particles, write_stack
+from tvae_em.io.stack import ArrayParticles, open_particles, write_stack
 from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
 
 N_ROWS = 25
@@ -67,23 +67,18 @@ def assert_input_columns_kept(input_star, output_star, replaced=()):
         assert list(after[name].columns[:len(before[name].columns)]) == list(before[name].columns)
 
 
-class CountingParticles:
-    """Wraps Particles and records the largest batch read, to check the streaming bound."""
+class CountingParticles(ArrayParticles):
+    """ArrayParticles recording the largest batch read, to check the streaming bound."""
 
-    def __init__(self, particles):
-        self.inner, self.largest = particles, 0
-        self.box, self.pixel_size = particles.box, particles.pixel_size
-
-    def __len__(self):
-        return len(self.inner)
+    largest = 0
 
     def read(self, indices):
         self.largest = max(self.largest, len(indices))
-        return self.inner.read(indices)
+        return super().read(indices)
 
 
 def test_encode_particles_streams_batches_and_matches_model(data):
-    particles = CountingParticles(open_particles(data["star"]))
+    particles = CountingParticles(data["images"])
     result = encode.encode_particles(data["model"], particles, batch_size=BATCH, device="cpu", amp="off")
     assert particles.largest == BATCH
     expected = data["encoded"]

@@ -12,6 +12,7 @@ from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.device import cgroup_cpu_quota, cpu_budget, plan_threads
 from tvae_em.encode import encode_particles
 from tvae_em.errors import UsageError
+from tvae_em.io.stack import ArrayParticles
 from tvae_em.train import train
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -72,19 +73,16 @@ def test_threads_below_one_are_refused():
         TrainConfig(threads=0)
 
 
-class ThreadProbe:
+class ThreadProbe(ArrayParticles):
     """Particles that note torch's thread count whenever they are read (in the main process: no workers)."""
 
     def __init__(self, n=24, size=16):
-        self.images = np.random.default_rng(0).uniform(0, 1, (n, size, size)).astype(np.float32)
-        self.box, self.ctf, self.ctf_flipped, self.seen = size, None, False, set()
-
-    def __len__(self):
-        return len(self.images)
+        super().__init__(np.random.default_rng(0).uniform(0, 1, (n, size, size)))
+        self.seen = set()
 
     def read(self, indices):
         self.seen.add(torch.get_num_threads())
-        return self.images[np.asarray(indices)]
+        return super().read(indices)
 
 
 SMALL = dict(image_size=16, rotations=4, encoder_fields=2, generator_width=8, generator_depth=1, fourier_features=8,

@@ -25,6 +25,7 @@ from tvae_em import __version__
 from tvae_em import checkpoint as ckpt
 from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.errors import EXIT_INTERRUPTED, InputError, TvaeError, UsageError
+from tvae_em.io import stack
 from tvae_em.model import TargetVAE
 from tvae_em.model.vae import COARSEST_CYCLES
 from tvae_em.runtime import Stop, interruptible_backward, stop_on_signals
@@ -46,20 +47,19 @@ MODEL = dict(image_size=24, encoder_fields=4, encoder_kernel=9, generator_width=
 N_PARTICLES = 40  # 30 training particles in 4 batches of 8, 10 for validation
 
 
-class ArrayParticles:
-    """In-memory stand-in for tvae_em.io.stack.Particles: len() and read(sorted indices), logging reads."""
+class ArrayParticles(stack.ArrayParticles):
+    """tvae_em.io.stack.ArrayParticles logging its reads, which must ask for sorted, distinct indices, each one
+    taking ``delay_s``."""
 
     def __init__(self, images: np.ndarray, delay_s: float = 0.0):
-        self.images, self.delay_s, self.reads = images, delay_s, []
-
-    def __len__(self) -> int:
-        return len(self.images)
+        super().__init__(images)
+        self.delay_s, self.reads = delay_s, []
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         assert np.all(np.diff(indices) > 0), "reads must ask for sorted, distinct indices"
         self.reads.append(np.array(indices))
         time.sleep(self.delay_s)
-        return self.images[indices]
+        return super().read(indices)
 
 
 def blobs(n: int = N_PARTICLES, size: int = 24, seed: int = 0) -> np.ndarray:
