@@ -57,7 +57,7 @@ class ParticleImages(NamedTuple):
         return ParticleImages(self.numbers[rows], self.stacks[rows])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class ParticleTable:
     """A particle STAR file in RELION 3.1 form and what its rows mean (module docstring), each parsed once.
 
