@@ -13,7 +13,6 @@ import numpy as np
 
 from tvae_em import infer, metrics, poses, preprocess, render, simulate, train
 from tvae_em.io.columns import CLUSTER_COLUMN, RELION_POSE, TRUE_CLASS_COLUMN, TRUE_POSE
-from tvae_em.io.relion import particle_pixel_sizes
 from tvae_em.io.stack import open_particles
 from tvae_em.io.star import numeric_column, particles_block, read_star
 
@@ -63,7 +62,8 @@ def truth_scores(embedded_star, posed_star) -> dict:
     posed = read_star(posed_star)
     block = particles_block(posed)
     column = lambda star, label: numeric_column(star, block, label)  # noqa: E731
-    box, apix = open_particles(posed_star).box, particle_pixel_sizes(posed, block)
+    particles = open_particles(posed_star)
+    box, apix = particles.box, particles.pixel_sizes
     theta_true, t_true = poses.relion_to_model(*(column(posed, label) for label in TRUE_POSE), box, apix)
     theta_pred, t_pred = poses.relion_to_model(*(column(posed, label) for label in RELION_POSE), box, apix)
     labels = column(posed, TRUE_CLASS_COLUMN).astype(int)

@@ -1,9 +1,11 @@
-"""Figures for embeddings, poses and rendered images, drawn with matplotlib's Agg canvas.
+"""Figures for embeddings, poses, learning curves and rendered images, drawn with matplotlib's Agg canvas.
 
 Figures are built on ``matplotlib.figure.Figure`` with an explicit Agg canvas instead of pyplot, so no GUI
 backend or global figure registry is involved (safe on headless cluster nodes and inside long runs), and
 every PNG is written through ``atomic_path`` so an interrupted run never leaves a truncated image.
 """
+
+import math
 
 import numpy as np
 from matplotlib import colormaps
@@ -120,6 +122,24 @@ def pose_columns_figure(path, columns):
     pose_figure(path, psi_deg=psi, origin_x_angst=origin_x, origin_y_angst=origin_y,
                 entropy_nats=columns[ENTROPY_COLUMN], local_mass=columns[CONFIDENCE_COLUMN],
                 symmetry_hint=columns[SYMMETRY_HINT_COLUMN])
+
+
+def learning_curve_figure(history: list[dict], best_epoch: int, path) -> None:
+    """A training run's learning curve: ELBO per particle (training and validation, from log.csv rows) above the
+    learning rate, both against the epoch."""
+    fig = Figure(figsize=(7, 5))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    epochs = [row["epoch"] for row in history]
+    top.plot(epochs, [row["train_elbo"] for row in history], label="training")
+    if not all(math.isnan(row["val_elbo"]) for row in history):
+        top.plot(epochs, [row["val_elbo"] for row in history], label="validation")
+    top.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
+    top.set_ylabel("ELBO per particle (nats)")
+    top.legend()
+    bottom.semilogy(epochs, [row["lr"] for row in history], color="black")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("epoch")
+    save_figure(fig, path)
 
 
 def montage_figure(path, images, titles=None, columns=None, captions=None):

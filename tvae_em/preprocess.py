@@ -29,6 +29,7 @@ from scipy import fft
 from tvae_em import console, ctf
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.atomic import atomic_paths, refuse_overwriting
+from tvae_em.io.columns import SOURCE_IMAGE_COLUMN
 from tvae_em.io.mrc import StackWriter
 from tvae_em.io.particles import ParticleTable
 from tvae_em.io.picks import PickedBoxes, match_micrographs, read_picks
@@ -202,7 +203,7 @@ def _flip_ctf(particles, scale: float) -> np.ndarray:
 def _restacked(table: ParticleTable, stack_path: Path, out_box: int, scale: float,
                phase_flipped: bool = False) -> StarFile:
     rows = table.star[table.block].copy()
-    rows["tvaeSourceImageName"] = rows["rlnImageName"]
+    rows[SOURCE_IMAGE_COLUMN] = rows["rlnImageName"]
     rows["rlnImageName"] = image_names(len(rows), stack_path)
     optics = table.star["optics"].copy()
     if scale != 1:

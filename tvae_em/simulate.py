@@ -261,7 +261,7 @@ def simulate_particles(
     With ``defocus_um`` = (low, high), every image is seen through a CTF (``tvae_em.ctf``) before the noise is
     added, as a micrograph records it: defocus U ~ U(low, high) um, V = U - U(0, ``astigmatism_angst``), the
     astigmatism's angle ~ U(0, 180) deg, at the optics of ``OPTICS``; the SNR is then that of the CTF-modulated
-    images, and ``ctf`` holds each particle's parameters (``io.relion.ctf_parameters`` order).
+    images, and ``ctf`` holds each particle's parameters (in the order of ``io.particles.ParticleTable.ctf``).
     """
     if objects not in OBJECT_SETS:
         raise UsageError(f"unknown object set {objects!r}; expected one of {', '.join(OBJECT_SETS)}")

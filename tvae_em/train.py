@@ -55,13 +55,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from tvae_em import checkpoint as ckpt
-from tvae_em import console
+from tvae_em import console, plots
 from tvae_em.config import ModelConfig, TrainConfig
 from tvae_em.ctf import ctf_mode, particle_ctf
 from tvae_em.ctf import transfer as ctf_transfer
@@ -75,7 +74,6 @@ from tvae_em.device import (
 from tvae_em.errors import InputError, Interrupted, TvaeError, UsageError
 from tvae_em.io.atomic import atomic_path, locked_folder, refuse_overwriting
 from tvae_em.memory import FLOAT_BYTES, check_fits, model_bytes
-from tvae_em.plots import save_figure
 from tvae_em.resume import check_resumable, nothing_to_do, rows_text, same_rows
 from tvae_em.resume import conflicts as resume_conflicts
 from tvae_em.runtime import (
@@ -253,23 +251,6 @@ def make_split(n_particles: int, val_fraction: float, seed: int) -> tuple[np.nda
         raise UsageError(f"{n_particles} particles are too few for a validation fraction of {val_fraction}")
     order = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT])).permutation(n_particles)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def plot_learning_curve(history: list[dict], best_epoch: int, path) -> None:
-    """ELBO per particle (training and validation) above the learning rate, both against the epoch."""
-    fig = Figure(figsize=(7, 5))
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    epochs = [row["epoch"] for row in history]
-    top.plot(epochs, [row["train_elbo"] for row in history], label="training")
-    if not all(math.isnan(row["val_elbo"]) for row in history):
-        top.plot(epochs, [row["val_elbo"] for row in history], label="validation")
-    top.axvline(best_epoch, color="grey", linestyle=":", label=f"best (epoch {best_epoch})")
-    top.set_ylabel("ELBO per particle (nats)")
-    top.legend()
-    bottom.semilogy(epochs, [row["lr"] for row in history], color="black")
-    bottom.set_ylabel("learning rate")
-    bottom.set_xlabel("epoch")
-    save_figure(fig, path)
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
@@ -514,7 +495,7 @@ class _Trainer:
             ckpt.save_checkpoint(state, self.run_dir / ckpt.BEST)
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST)
         ckpt.write_log(self.progress.history, self.run_dir / ckpt.LOG)
-        plot_learning_curve(self.progress.history, self.progress.best_epoch, self.run_dir / ckpt.CURVE)
+        plots.learning_curve_figure(self.progress.history, self.progress.best_epoch, self.run_dir / ckpt.CURVE)
 
     def _write_split(self) -> None:
         with atomic_path(self.run_dir / ckpt.SPLIT) as tmp:

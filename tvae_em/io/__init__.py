@@ -1,1 +1,3 @@
-"""File formats: RELION/Topaz STAR tables, MRC stacks, Topaz pick lists, and safe (atomic) writing."""
+"""File formats and the particle table: RELION/Topaz STAR tables (parsed once into ``particles.ParticleTable``),
+MRC stacks, cryoSPARC datasets, Topaz picks, MNIST digits, the STAR columns tvae-em writes, and safe (atomic)
+writing."""

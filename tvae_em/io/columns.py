@@ -10,6 +10,8 @@ What each command adds to a particle table:
   (``_tvaePoseEntropy``, ``_tvaePoseMaxProb``, ``_tvaePoseLocalMass``, ``_tvaeSymmetryHint``,
   ``_tvaeRotationMassTop``);
 - ``averages``: ``_tvaeParticleCount`` per class;
+- ``preprocess``: the image name a particle had before, ``_tvaeSourceImageName``; a particle read from a
+  cryoSPARC .cs file keeps its ``_tvaeCryosparcUid``;
 - the simulator (``tvae_em.simulate``): the truth ``_tvaeTruePsi``, ``_tvaeTrueOriginX/YAngst``,
   ``_tvaeTrueClass`` and ``_tvaeTrueTilt``.
 """
@@ -37,6 +39,8 @@ COUNT_COLUMN = "tvaeParticleCount"
 TRUE_POSE = ("tvaeTruePsi", "tvaeTrueOriginXAngst", "tvaeTrueOriginYAngst")
 TRUE_CLASS_COLUMN = "tvaeTrueClass"
 TRUE_TILT_COLUMN = "tvaeTrueTilt"
+SOURCE_IMAGE_COLUMN = "tvaeSourceImageName"  # preprocess: the rlnImageName a particle had before
+CRYOSPARC_UID_COLUMN = "tvaeCryosparcUid"  # a particle read from a cryoSPARC .cs file: its uid
 
 _LATENT_RE = re.compile(rf"{LATENT_PREFIX}(\d+)")
 

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from tvae_em.errors import InputError
+from tvae_em.io.columns import CRYOSPARC_UID_COLUMN
 from tvae_em.io.files import regular_file
 from tvae_em.io.star import StarFile, image_name_texts, new_relion31_star
 
@@ -54,7 +55,6 @@ _PARTICLE_FIELDS = (
     ("alignments2D/class", "rlnClassNumber", lambda classes: classes.astype(np.int64) + 1),
     ("alignments2D/pose", "rlnAnglePsi", np.degrees),
 )
-UID_LABEL = "tvaeCryosparcUid"
 # Fields that go to the optics table: (cryoSPARC field, RELION label); rlnImageSize comes from blob/shape.
 _OPTICS_FIELDS = (
     ("blob/psize_A", "rlnImagePixelSize"),
@@ -79,7 +79,7 @@ def read_cryosparc(path) -> StarFile:
     if "alignments2D/shift" in records.dtype.names:
         particles["rlnOriginXAngst"], particles["rlnOriginYAngst"] = _origins_angst(records, path)
     if "uid" in records.dtype.names:
-        particles[UID_LABEL] = _column(records, "uid", path)
+        particles[CRYOSPARC_UID_COLUMN] = _column(records, "uid", path)
     star = new_relion31_star(optics, pd.DataFrame(particles))
     star.path = path
     return star
