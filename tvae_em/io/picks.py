@@ -19,7 +19,7 @@ import pandas as pd
 from tvae_em.errors import InputError, UsageError
 from tvae_em.io.files import regular_file
 from tvae_em.io.mrc import MrcHeader, map_data, read_mrc_header, warn_unstamped
-from tvae_em.io.star import StarBlock, StarFile, format_values, numeric_column, read_star
+from tvae_em.io.star import StarBlock, StarFile, first_statement, format_values, numeric_column, read_star
 
 TOPAZ_TO_RELION = {"image_name": "rlnMicrographName", "x_coord": "rlnCoordinateX",
                    "y_coord": "rlnCoordinateY", "score": "rlnAutopickFigureOfMerit"}
@@ -62,12 +62,12 @@ def read_picks(path, threshold: float | None = None,
 def _looks_like_star(path: Path) -> bool:
     try:
         with open(path, "rb") as stream:
-            for line in stream:
-                if line.strip() and not line.lstrip().startswith(b"#"):
-                    return line.lstrip().startswith(b"data_")
+            first = first_statement(stream)
     except OSError as err:
         raise InputError(path, f"cannot read: {err.strerror}") from None
-    raise InputError(path, "empty picks file")
+    if first is None:
+        raise InputError(path, "empty picks file")
+    return first.startswith(b"data_")
 
 
 def _read_topaz_table(path: Path) -> StarFile:

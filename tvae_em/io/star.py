@@ -101,11 +101,17 @@ def read_star(path) -> StarFile:
 def starts_like_star(head: bytes) -> bool:
     """Whether ``head``, the first bytes of a file, begin as STAR text: the first line that is neither blank nor a
     '#' comment opens a data_ block."""
-    for line in head.split(b"\n"):
+    first = first_statement(head.split(b"\n"))
+    return first is not None and first.startswith(b"data_")
+
+
+def first_statement(lines) -> bytes | None:
+    """The first of ``lines`` (bytes) that is neither blank nor a '#' comment, stripped; None when there is none."""
+    for line in lines:
         text = line.strip()
         if text and not text.startswith(b"#"):
-            return text.startswith(b"data_")
-    return False
+            return text
+    return None
 
 
 def _has_control_bytes(raw: bytes, chunk: int = 1 << 24) -> bool:
