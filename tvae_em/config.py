@@ -211,8 +211,8 @@ def _preset(presets: dict, name: str, what: str) -> dict:
 def option_default(config_class, name: str, preset: str | None = None):
     """The default of setting ``name`` of ``config_class`` (ModelConfig or TrainConfig), under the named preset
     when given: what the command line shows and uses."""
-    presets = MODEL_PRESETS if config_class is ModelConfig else TRAIN_PRESETS
-    changes = presets[preset] if preset else {}
+    presets, what = (MODEL_PRESETS, "model") if config_class is ModelConfig else (TRAIN_PRESETS, "training")
+    changes = _preset(presets, preset, what) if preset else {}
     if name in changes:
         return changes[name]
     return next(field.default for field in fields(config_class) if field.name == name)

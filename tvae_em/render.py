@@ -24,7 +24,7 @@ from tvae_em.io.columns import CLUSTER_COLUMN, RELION_POSE, latent_block, read_l
 from tvae_em.io.files import regular_file
 from tvae_em.io.relion import DEFAULT_PIXEL_SIZE, one_optics_group, particle_pixel_sizes
 from tvae_em.io.stack import relion_path, write_stack
-from tvae_em.io.star import new_relion31_star, numeric_column, read_star, write_star
+from tvae_em.io.star import image_name_texts, new_relion31_star, numeric_column, read_star, write_star
 from tvae_em.memory import FLOAT_BYTES, check_fits
 from tvae_em.poses import model_to_relion
 
@@ -235,7 +235,7 @@ def rendered_star(source: Latents, theta_rad, t_model, box, apix, stack_name):
     ``stack_name`` is the stack as RELION should find it (relative to the project folder, or absolute)."""
     k = len(source.z)
     psi_deg, origin_x, origin_y = model_to_relion(np.full(k, theta_rad), np.tile(t_model, (k, 1)), box, apix)
-    particles = pd.DataFrame({"rlnImageName": [f"{i:06d}@{stack_name}" for i in range(1, k + 1)],
+    particles = pd.DataFrame({"rlnImageName": image_name_texts(np.arange(1, k + 1), stack_name),
                               "rlnOpticsGroup": np.ones(k, np.int64),
                               **dict(zip(RELION_POSE, (psi_deg, origin_x, origin_y), strict=True))})
     for name, values in zip(z_columns(source.z.shape[1]), source.z.T, strict=True):

@@ -28,7 +28,7 @@ from tvae_em.io.columns import TRUE_CLASS_COLUMN, TRUE_POSE, TRUE_TILT_COLUMN
 from tvae_em.io.mnist import MNIST_DIGIT_PX, mnist_split
 from tvae_em.io.relion import CTF_COLUMNS
 from tvae_em.io.stack import write_stack
-from tvae_em.io.star import new_relion31_star, write_star
+from tvae_em.io.star import image_name_texts, new_relion31_star, write_star
 from tvae_em.poses import apply_pose, model_to_relion, rotate
 
 
@@ -370,7 +370,7 @@ def _write_relion(star_path, data, apix):
     )
     particles = pd.DataFrame(
         {
-            "rlnImageName": [f"{i:06d}@{stack_path.name}" for i in range(1, n + 1)],
+            "rlnImageName": image_name_texts(np.arange(1, n + 1), stack_path.name),
             "rlnOpticsGroup": np.ones(n, dtype=np.int64),
         }
     )
